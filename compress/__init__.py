@@ -1,0 +1,18 @@
+"""compress: recipe-driven compression of PyTorch detection and classification models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from compress.errors import RecipeError, UserError
+from compress.recipe import Recipe, load_recipe
+
+__all__ = ["Recipe", "RecipeError", "UserError", "load_recipe", "run", "__version__"]
+
+
+def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[str] | None = None) -> dict:
+    """Run a recipe (object or YAML path) into the run directory `out`; returns the report."""
+    from compress.pipeline import run as run_pipeline
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return run_pipeline(recipe, out, resume=resume)

@@ -1,0 +1,103 @@
+"""Stage checkpoints: a model's tensors in safetensors plus the JSON needed to rebuild it without pickle.
+
+The metadata holds the model spec (builder, classes, options) and `model_meta`: what stages did to the
+architecture (e.g. the prune stage's shape manifest). Restorers registered per meta key turn a stock model
+into the changed one before the tensors are loaded, so no module object is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+Restorer = Callable[[nn.Module, Any], nn.Module]
+RESTORERS: dict[str, Restorer] = {}
+
+
+def register_restorer(key: str) -> Callable[[Restorer], Restorer]:
+    """Register how to re-apply the architecture change recorded under `model_meta[key]`."""
+
+    def wrap(fn: Restorer) -> Restorer:
+        if key in RESTORERS:
+            raise ValueError(f"restorer '{key}' is already registered")
+        RESTORERS[key] = fn
+        return fn
+
+    return wrap
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors, shared storage broken (safetensors needs it)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], model_meta: dict[str, Any]) -> None:
+    """Atomically write `model` to `path` (safetensors + JSON metadata)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        metadata = {"compress.model_spec": json.dumps(model_spec, sort_keys=True),
+                    "compress.model_meta": json.dumps(model_meta, sort_keys=True)}
+        save_file(state_tensors(model), tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (model_spec, model_meta) stored in a stage checkpoint."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "compress.model_spec" not in metadata:
+        raise ValueError(f"{path}: not a compress stage checkpoint (no 'compress.model_spec' metadata)")
+    return json.loads(metadata["compress.model_spec"]), json.loads(metadata.get("compress.model_meta", "{}"))
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a stage checkpoint: stock builder, recorded changes, then the tensors."""
+    from safetensors.torch import load_file
+
+    from compress.models import build_model
+
+    spec, meta = read_metadata(path)
+    model = build_model(spec["build"], num_classes=spec["num_classes"], **spec.get("options", {}))
+    for key, value in meta.items():
+        if key in RESTORERS:
+            model = RESTORERS[key](model, value)
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, meta

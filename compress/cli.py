@@ -1,0 +1,142 @@
+"""The `compress` command line: a thin layer over the Python API."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="compress",
+    help="Recipe-driven compression of PyTorch detection and classification models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False) -> None:
+    _debug["on"] = debug or os.environ.get("COMPRESS_DEBUG") == "1"
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: stages.0.finetune.epochs=3")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a killed run after its last finished stage")] = False,
+) -> None:
+    """Run every stage of RECIPE into the run directory.
+
+    Example: compress run recipes/digits-yolo.yaml --out runs/digits-yolo --set stages.0.finetune.epochs=3
+    """
+    from compress.pipeline import run as run_pipeline
+    from compress.recipe import load_recipe
+
+    recipe_obj = load_recipe(recipe, set_ or [])
+    report = run_pipeline(recipe_obj, out, resume=resume)
+    _print_summary(report, out)
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['recipe']} ({out})")
+    for column in ("stage", "metrics", "params", "MACs", "size (MB)", "bits/w", "seconds"):
+        table.add_column(column)
+    for s in report["stages"]:
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
+        table.add_row(s["name"], metrics, f"{s['params']:,}", f"{s['macs']:,}", f"{s['size_bytes'] / 1e6:.3f}",
+                      f"{s['bits_per_weight']:.2f}", f"{s['seconds']:.1f}")
+    Console().print(table)
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="builder spec (compress:yolo-n, timm:resnet18, ...) or a stage checkpoint")],
+    num_classes: Annotated[int, typer.Option(help="classes, when MODEL is a builder spec")] = 10,
+    image_size: Annotated[int, typer.Option(help="square input side for the MAC count")] = 128,
+) -> None:
+    """Print the layers, parameters and MACs of a model.
+
+    Example: compress inspect compress:yolo-n --image-size 128
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from compress.evaluate import measure
+    from compress.tasks import get_task
+
+    net = _load_any(model, num_classes)
+    task = get_task("detection" if _is_detector(net) else "classification")
+    table = Table(title=model)
+    for column in ("layer", "type", "shape", "params"):
+        table.add_column(column)
+    for name, module in net.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            weight = getattr(module, "weight", None)
+            shape = "x".join(map(str, weight.shape)) if weight is not None else ""
+            table.add_row(name, type(module).__name__, shape, f"{sum(p.numel() for p in own):,}")
+    console = Console()
+    console.print(table)
+    figures = measure(net, task.example_input(net, image_size))
+    console.print(f"params {figures['params']:,}  MACs {figures['macs']:,} at {image_size}x{image_size}  "
+                  f"size {figures['size_bytes'] / 1e6:.3f} MB  bits/weight {figures['bits_per_weight']:.2f}")
+
+
+def _is_detector(net) -> bool:
+    from compress.tasks.detection import is_tensor_protocol
+
+    return is_tensor_protocol(net) or type(net).__module__.startswith("torchvision.models.detection")
+
+
+def _load_any(spec: str, num_classes: int):
+    from compress.errors import UserError
+
+    if spec.endswith(".safetensors"):
+        if not Path(spec).is_file():
+            raise UserError(f"{spec}: file not found")
+        from compress.checkpoint import load_model
+
+        return load_model(spec)[0]
+    from compress.models import build_model
+
+    if ":" not in spec:
+        raise UserError(f"{spec}: not a builder spec (compress:NAME, timm:NAME, torchvision:NAME, file:path.py:fn) "
+                        "nor a .safetensors checkpoint")
+    return build_model(spec, num_classes=num_classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line and exit 2; bugs exit 1."""
+    from compress.errors import UserError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        if _debug["on"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (typer.Exit, SystemExit) as exc:
+        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    except Exception as exc:  # click usage errors come through here
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        if _debug["on"]:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0

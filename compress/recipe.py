@@ -1,0 +1,175 @@
+"""The recipe schema: a YAML file validated into frozen pydantic objects before any work starts."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compress.errors import RecipeError, unknown_choice
+
+
+class Config(BaseModel):
+    """Base of every recipe section: frozen, unknown keys refused with a did-you-mean."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(unknown_choice("field", key, cls.model_fields))
+        return data
+
+
+class ModelConfig(Config):
+    build: str = Field(description="builder spec: compress:NAME, timm:NAME, torchvision:NAME, file:path.py:fn")
+    num_classes: int = Field(gt=0, description="classes of the task (torchvision detectors: + background)")
+    checkpoint: str | None = Field(None, description="safetensors or weights-only torch file to start from")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the builder")
+
+
+class DataRef(Config):
+    source: str = Field(description="registered data source: digits, digits-detect, folder, coco, yolo, voc")
+    split: Literal["train", "val", "calib"]
+    root: str | None = Field(None, description="folder or file for file-based sources")
+    samples: int | None = Field(None, gt=0, description="use only the first N items of the split")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra options of the source")
+
+
+class DataConfig(Config):
+    train: DataRef
+    val: DataRef
+    calib: DataRef | None = None
+
+
+class TrainDefaults(Config):
+    batch_size: int = Field(32, gt=0, description="per-process batch size of training stages")
+    eval_batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+
+
+class StageEntry(BaseModel):
+    """One stage of a recipe: its registered name and its validated config."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    config: Config
+
+
+class Recipe(Config):
+    name: str
+    seed: int = 0
+    model: ModelConfig
+    task: Literal["classification", "detection"]
+    image_size: int = Field(gt=0, description="square input side used for training, MACs and export")
+    data: DataConfig
+    train: TrainDefaults = Field(default_factory=TrainDefaults)
+    stages: list[StageEntry] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_stages(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "stages" not in data:
+            return data
+        data = dict(data)
+        data["stages"] = [_parse_stage(i, entry) for i, entry in enumerate(data["stages"] or [])]
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data, in the YAML shape it was written in."""
+        out = self.model_dump(mode="json", exclude={"stages"})
+        out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
+        return out
+
+
+def _parse_stage(index: int, entry: Any) -> StageEntry:
+    from compress.stages import STAGES
+
+    if isinstance(entry, StageEntry):
+        return entry
+    if isinstance(entry, str):
+        entry = {entry: {}}
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise RecipeError(
+            f"stages.{index}: each stage is a mapping with one key, e.g. '- finetune: {{epochs: 3}}' (got {entry!r})"
+        )
+    (name, body), = entry.items()
+    if name not in STAGES:
+        raise RecipeError(f"stages.{index}: {unknown_choice('stage', name, STAGES)}")
+    try:
+        config = STAGES[name].config_cls.model_validate(body or {})
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, prefix=f"stages.{index}.{name}")) from None
+    return StageEntry(name=name, config=config)
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"{loc or 'recipe'}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.0.c=value` overrides (value parsed as YAML) to raw recipe data."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.finetune.epochs=3")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"--set {path}: '{where}' is not an index of a list of {len(node)} items")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {path}: '{'.'.join(keys[:depth])}' is a value, not a section")
+            if last:
+                node[key] = yaml.safe_load(raw)
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return data
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate raw recipe data; every problem becomes one RecipeError naming the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model, task, data, stages")
+    data = dict(data)
+    try:
+        if isinstance(data.get("stages"), list):
+            data["stages"] = [_parse_stage(i, entry) for i, entry in enumerate(data["stages"])]
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_format_validation_error(exc)}") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `--set` overrides, validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with name, model, task, data, stages")
+    return parse_recipe(apply_overrides(data, overrides or []), source=str(path))

@@ -1,0 +1,96 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compress.checkpoint import load_model
+from compress.errors import RunDirError
+from compress.pipeline import run
+from compress.recipe import load_recipe
+
+ENV = {**os.environ, "PYTHONHASHSEED": "0"}
+
+
+def _stage_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted((run_dir / "stages").rglob("*")) if p.is_file()}
+
+
+def test_run_writes_report_and_checkpoints(tiny_recipe_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = run(load_recipe(tiny_recipe_path), out)
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["finetune", "evaluate", "finetune"], names
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report)), "report.json must match the returned report"
+    for entry in report["stages"]:
+        assert set(entry) >= {"name", "metrics", "params", "macs", "size_bytes", "bits_per_weight", "seconds"}
+        assert 0.0 <= entry["metrics"]["top1"] <= 1.0
+        assert entry["bits_per_weight"] == 32.0, "dense fp32 weights"
+        assert (out / entry["checkpoint"]).is_file()
+    assert "calib_top1" in report["stages"][1]["metrics"], "evaluate on calib records its metrics"
+    assert (out / "recipe.yaml").is_file() and "finetune epoch 1/1" in (out / "log.txt").read_text()
+    model, _ = load_model(out / report["stages"][-1]["checkpoint"])
+    assert sum(p.numel() for p in model.parameters()) == report["stages"][-1]["params"]
+
+
+def test_existing_run_dir_is_refused_without_resume(tiny_recipe_path: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(tiny_recipe_path, ["stages.0.finetune.epochs=0", "stages.2.finetune.epochs=0"])
+    out = tmp_path / "run"
+    run(recipe, out)
+    with pytest.raises(RunDirError, match="already holds a finished run; add --resume"):
+        run(recipe, out)
+    before = _stage_files(out)
+    report = run(recipe, out, resume=True)
+    assert len(report["stages"]) == 3 and _stage_files(out) == before, "a finished run resumes to a no-op"
+    changed = load_recipe(tiny_recipe_path, ["stages.0.finetune.epochs=2", "stages.2.finetune.epochs=0"])
+    with pytest.raises(RunDirError, match="config of finished stage 0"):
+        run(changed, out, resume=True)
+
+
+@pytest.mark.integration
+def test_kill_9_then_resume_keeps_finished_stages_byte_identical(tiny_recipe_path: Path, tmp_path: Path) -> None:
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    cmd = [sys.executable, "-m", "compress", "run", str(tiny_recipe_path), "--set", "stages.2.finetune.epochs=3"]
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report_path = killed / "report.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if report_path.exists() and len(json.loads(report_path.read_text())["stages"]) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make the last stage longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = json.loads(report_path.read_text())["stages"]
+    assert 1 <= len(finished) < 3
+    kept = {k: v for k, v in _stage_files(killed).items() if not Path(k).name.startswith(".")}
+    done = subprocess.run([*cmd, "--out", str(killed), "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = _stage_files(killed)
+    for name, data in kept.items():
+        if any(name.startswith(str(Path(e["checkpoint"]).parent)) for e in finished):
+            assert after[name] == data, f"{name} changed on resume"
+    assert len(json.loads(report_path.read_text())["stages"]) == 3
+    assert not [k for k in after if Path(k).name.startswith(".")], "temp files left behind"
+    subprocess.run([*cmd, "--out", str(fresh)], env=ENV, check=True, capture_output=True)
+    resumed_last = load_model(killed / "stages/03-finetune/model.safetensors")[0].state_dict()
+    fresh_last = load_model(fresh / "stages/03-finetune/model.safetensors")[0].state_dict()
+    assert all((resumed_last[k] == fresh_last[k]).all() for k in fresh_last), "resume must equal an uninterrupted run"
+
+
+@pytest.mark.integration
+def test_two_cpu_processes_train_identical_replicas(tiny_recipe_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "compress", "run", str(tiny_recipe_path), "--out", str(out), "--set", "stages.1.evaluate.split=val"]
+    done = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log, log
+    assert log.count("2 replicas in sync") == 2, log
+    assert len(json.loads((out / "report.json").read_text())["stages"]) == 3

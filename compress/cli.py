@@ -116,11 +116,12 @@ def _load_any(spec: str, num_classes: int):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; bugs exit 1."""
+    from calib import DataError
     from compress.errors import UserError
 
     try:
         app(args=argv, standalone_mode=False)
-    except UserError as exc:
+    except (UserError, DataError) as exc:
         if _debug["on"]:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

@@ -55,6 +55,7 @@ class RunContext:
     stage_name: str = "setup"
     model_meta: dict[str, Any] = field(default_factory=dict)
     stage_metrics: dict[str, float] = field(default_factory=dict)
+    finished: list[dict[str, Any]] = field(default_factory=list)  # report entries of the stages done so far
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 
     @property
@@ -197,6 +198,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
         atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
     accelerator.wait_for_everyone()
     report = {"recipe": recipe.name, "seed": recipe.seed, "task": recipe.task, "stages": list(done)}
+    ctx.finished = report["stages"]
 
     if done:
         last = done[-1]

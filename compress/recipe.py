@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import RecipeError, unknown_choice
 
@@ -39,6 +39,17 @@ class DataRef(Config):
     root: str | None = Field(None, description="folder or file for file-based sources")
     samples: int | None = Field(None, gt=0, description="use only the first N items of the split")
     options: dict[str, Any] = Field(default_factory=dict, description="extra options of the source")
+
+    @model_validator(mode="after")
+    def _known_source(self) -> DataRef:
+        from calib.registry import list_sources, source_options
+
+        if self.source not in list_sources():
+            raise ValueError(unknown_choice("data source", self.source, list_sources()))
+        for key in self.options:
+            if key not in source_options(self.source):
+                raise ValueError(f"source '{self.source}': {unknown_choice('option', key, source_options(self.source))}")
+        return self
 
 
 class DataConfig(Config):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from compress.artifact import ArtifactError, load
 from compress.errors import RecipeError, UserError
 from compress.recipe import Recipe, load_recipe
 
-__all__ = ["Recipe", "RecipeError", "UserError", "load_recipe", "run", "__version__"]
+__all__ = ["ArtifactError", "Recipe", "RecipeError", "UserError", "load", "load_recipe", "run", "__version__"]
 
 
 def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[str] | None = None) -> dict:

@@ -141,3 +141,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+@app.command(name="eval")
+def eval_(
+    artifact: Annotated[Path, typer.Argument(help="a .safetensors artifact or stage checkpoint")],
+    data: Annotated[str, typer.Option("--data", help="SOURCE:SPLIT, e.g. digits-detect:val")],
+    json_: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object on the last line")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="default: the run's eval batch size")] = None,
+) -> None:
+    """Evaluate an artifact on a data split, in a fresh process, without the recipe.
+
+    Example: compress eval runs/digits-yolo/model.safetensors --data digits-detect:val --json
+    """
+    import json
+
+    from calib import get_dataset
+    from compress.artifact import load, read_artifact
+    from compress.errors import UserError
+    from compress.tasks import get_task
+
+    source, sep, split = data.rpartition(":")
+    if not sep or not source:
+        raise UserError(f"--data {data!r}: write SOURCE:SPLIT, e.g. digits-detect:val")
+    _, manifest = read_artifact(artifact)
+    model = load(artifact)
+    task = get_task(manifest["task"])
+    loader = task.loader(get_dataset(source, split), batch_size or manifest.get("eval_batch_size", 64), shuffle=False)
+    metrics = task.evaluate(model, loader)
+    if json_:
+        print(json.dumps(metrics))
+    else:
+        print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,45 @@
+"""The `export` stage: writes the run's model as one artifact, DIR/model.safetensors by default."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+from pydantic import Field
+
+from compress.artifact.io import write_artifact
+from compress.recipe import Config
+from compress.stages import register_stage
+
+if TYPE_CHECKING:
+    from compress.pipeline import RunContext
+
+
+class ExportConfig(Config):
+    path: str = Field("model.safetensors", description="artifact path, relative to the run directory")
+
+
+def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
+    """What a reader needs besides the tensors: builder, architecture changes, recipe, metrics."""
+    from compress.pipeline import model_spec
+
+    spec = model_spec(ctx.recipe)
+    if spec["build"].startswith("file:"):
+        file_path = spec["build"][len("file:"):].rsplit(":", 1)[0]
+        spec["file_sha256"] = hashlib.sha256(Path(file_path).read_bytes()).hexdigest()
+    last = ctx.finished[-1] if ctx.finished else {}
+    return {"model": spec, "model_meta": ctx.model_meta, "task": ctx.recipe.task, "image_size": ctx.recipe.image_size,
+            "recipe": ctx.recipe.to_dict(), "metrics": last.get("metrics", {}),
+            "eval_batch_size": ctx.recipe.train.eval_batch_size}
+
+
+@register_stage("export", ExportConfig)
+def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
+    path = ctx.run_dir / config.path
+    if ctx.is_main:
+        size = write_artifact(path, model, artifact_manifest(ctx))
+        ctx.log(f"export: wrote {path} ({size:,} bytes)")
+        ctx.stage_metrics["artifact_bytes"] = float(size)
+    ctx.accelerator.wait_for_everyone()
+    return model

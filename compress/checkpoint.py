@@ -89,6 +89,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a stage checkpoint: stock builder, recorded changes, then the tensors."""
     from safetensors.torch import load_file
 
+    import compress.stages  # noqa: F401  (stages register the restorers of what they change)
     from compress.models import build_model
 
     spec, meta = read_metadata(path)

@@ -62,10 +62,11 @@ def inspect(
     model: Annotated[str, typer.Argument(help="builder spec (compress:yolo-n, timm:resnet18, ...) or a stage checkpoint")],
     num_classes: Annotated[int, typer.Option(help="classes, when MODEL is a builder spec")] = 10,
     image_size: Annotated[int, typer.Option(help="square input side for the MAC count")] = 128,
+    groups: Annotated[bool, typer.Option("--groups", help="print the pruning groups (stride x module family)")] = False,
 ) -> None:
-    """Print the layers, parameters and MACs of a model.
+    """Print the layers, parameters and MACs of a model, or its pruning groups.
 
-    Example: compress inspect compress:yolo-n --image-size 128
+    Example: compress inspect compress:yolo-n --image-size 128 --groups
     """
     from rich.console import Console
     from rich.table import Table
@@ -75,6 +76,9 @@ def inspect(
 
     net = _load_any(model, num_classes)
     task = get_task("detection" if _is_detector(net) else "classification")
+    if groups:
+        _print_groups(net, task.example_input(net, image_size), model)
+        return
     table = Table(title=model)
     for column in ("layer", "type", "shape", "params"):
         table.add_column(column)
@@ -89,6 +93,22 @@ def inspect(
     figures = measure(net, task.example_input(net, image_size))
     console.print(f"params {figures['params']:,}  MACs {figures['macs']:,} at {image_size}x{image_size}  "
                   f"size {figures['size_bytes'] / 1e6:.3f} MB  bits/weight {figures['bits_per_weight']:.2f}")
+
+
+def _print_groups(net, example_input, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from compress.prune import describe_groups
+
+    table = Table(title=f"pruning groups of {title}")
+    for column in ("group", "stride", "layers", "channels", "mean |gamma|", "first layer", "note"):
+        table.add_column(column, no_wrap=column != "note")
+    for row in describe_groups(net, example_input):
+        table.add_row(str(row["group"]), str(row["stride"]), str(row["layers"]), str(row["channels"]),
+                      f"{row['mean_score']:.3g}" if row.get("mean_score") is not None else "",
+                      (row.get("examples") or [""])[0], row.get("note") or "")
+    Console(width=max(120, Console().width)).print(table)
 
 
 def _is_detector(net) -> bool:
@@ -173,3 +193,14 @@ def eval_(
         print(json.dumps(metrics))
     else:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory of `compress run`")]) -> None:
+    """Write RUN_DIR/report.html (self-contained: plots embedded) and the PNGs beside it.
+
+    Example: compress report runs/digits-yolo
+    """
+    from compress.evaluate.report import write_report
+
+    print(write_report(run_dir))

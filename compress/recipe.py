@@ -91,6 +91,24 @@ class Recipe(Config):
         data["stages"] = [_parse_stage(i, entry) for i, entry in enumerate(data["stages"] or [])]
         return data
 
+    @model_validator(mode="after")
+    def _cross_stage_checks(self) -> Recipe:
+        names = [s.name for s in self.stages]
+        scope = ("groups", "family_depth", "ignore", "protect_outputs")
+        sparse = [(i, s.config) for i, s in enumerate(self.stages) if s.name == "sparse"]
+        for i, stage in enumerate(self.stages):
+            if stage.name == "prune":
+                for j, config in sparse:
+                    for key in scope:
+                        if getattr(config, key) != getattr(stage.config, key):
+                            raise ValueError(f"stages.{j}.sparse.{key} and stages.{i}.prune.{key} differ; the sparse "
+                                             "stage must regularise the channels that prune will judge (use the same value)")
+            if stage.name == "distill" and getattr(stage.config, "teacher", None) == "before-prune" \
+                    and "prune" not in names[:i]:
+                raise ValueError(f"stages.{i}.distill.teacher is 'before-prune' but no prune stage comes before it; "
+                                 "add one or give a checkpoint path")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data, in the YAML shape it was written in."""
         out = self.model_dump(mode="json", exclude={"stages"})

@@ -155,6 +155,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
     Quantized layers stay compact and dequantize on the fly unless `materialize` asks for dense layers.
     Models built by `file:` builders need that same file again as `model_file`.
     """
+    import compress.stages  # noqa: F401  (stages register the restorers of what they change)
     from compress.checkpoint import RESTORERS
     from compress.models import build_model
 

@@ -42,7 +42,8 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     was_training = model.training
     model.eval()
     try:
-        macs, _ = tp.utils.count_ops_and_params(model, example_input)
+        # a list input (torchvision detectors) must reach forward as one argument
+        macs, _ = tp.utils.count_ops_and_params(model, (example_input,) if isinstance(example_input, list) else example_input)
     finally:
         model.train(was_training)
     return int(macs)

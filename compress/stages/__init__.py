@@ -40,3 +40,4 @@ def register_stage(name: str, config_cls: type[Config], trains: bool = False) ->
 from compress.stages import basic  # noqa: E402,F401  (registers finetune and evaluate)
 from compress.distill import stage as _distill  # noqa: E402,F401
 from compress.artifact import stage as _export  # noqa: E402,F401
+from compress import prune as _prune, sparse as _sparse  # noqa: E402,F401

@@ -1,0 +1,65 @@
+"""Load weights into a built model: `.safetensors` or a torch file read with `weights_only=True`, strictly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+
+_MAX_LISTED = 5
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or does not match the model's parameters and buffers."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict (raw, or under a 'state_dict' / 'model' key) from a safetensors or torch file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # corrupt file, pickle with code objects, ...
+        raise CheckpointError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a state dict (expected name -> tensor, optionally under 'state_dict' or 'model')"
+        )
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load `path` into `model` strictly; on any key or shape mismatch raise CheckpointError naming the keys."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)):
+        if keys:
+            more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:_MAX_LISTED])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match the model ({type(model).__name__}): " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+    return model

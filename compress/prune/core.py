@@ -1,0 +1,254 @@
+"""Group channel pruning of one model: analyse -> thresholds (given or searched) -> fold -> remove -> verify.
+
+    analysis = analyze(model, x)                   units of coupled channels, their carriers and groups
+    ratios   = config.ratios | search_ratios(...)  p_g per group
+    keeps    = Decider(...).decide_all(ratios)     keep masks per unit (votes, ties, balance, floor)
+    fold_removed(...)                              constants of removed channels into their readers
+    phase 1: units whose removal is exact (no LayerNorm / GroupNorm on them) and attention heads;
+             the result must equal a masked copy (removed channels' reader columns zeroed) to 1e-4
+    phase 2: units through a LayerNorm (removal changes the norm's statistics, so only the forward pass
+             and the output shapes are checked)
+When the phase-1 check fails, units are re-tried one by one on fresh copies to name the one at fault.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compress.prune.attention import prune_heads
+from compress.prune.config import PruneConfig, ScopeConfig
+from compress.prune.fold import fold_removed
+from compress.prune.graph import Analysis, Unit, analyze, sync_split_sizes
+from compress.prune.groups import GroupAssigner, ratio_for
+from compress.prune.manifest import make_manifest, snapshot
+from compress.prune.masks import Decider
+from compress.prune.search import CostModel, search_ratios
+from compress.prune.trace import PruneError, RawForward, as_batch, flat_tensors, raw_forward
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    manifest: dict[str, Any]
+    ratios: dict[str, float]
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def analyze_scope(model: nn.Module, example_input: Any, scope: ScopeConfig | None = None) -> Analysis:
+    """`analyze` with the groups / ignore / outputs settings of a recipe section."""
+    scope = scope or ScopeConfig()
+    assigner = GroupAssigner(scope.groups, scope.family_depth)
+    return analyze(model, as_batch(example_input), scope.ignore, scope.protect_outputs, assigner)
+
+
+def measure(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Parameters and MACs (torch-pruning's counter, on the raw forward of one image)."""
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(RawForward(model).eval(), x[:1])
+    return {"params": float(sum(p.numel() for p in model.parameters())), "macs": float(macs)}
+
+
+def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print) -> PruneResult:
+    """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used."""
+    x = as_batch(example_input)
+    was_training = model.training
+    model.eval()
+    before_figures = measure(model, x)
+    analysis = analyze_scope(model, x, config)
+    units = analysis.prunable_units()
+    if not units:
+        reasons = sorted({u.reason or "" for u in analysis.units})
+        raise PruneError(f"{type(model).__name__}: no prunable channels ("
+                         + ("; ".join(reasons[:5]) or "no conv or linear layers") + ")")
+    decider = Decider(units, config.vote, config.floor_share, config.floor_min)
+    if config.target is not None:
+        cost = CostModel(analysis, units)
+        ratios = search_ratios(decider, cost, config.target, config.search_step, log=log)
+    else:
+        ratios = {g: ratio_for(g, config.ratios) or 0.0 for g in decider.groups}
+        unmatched = [g for g in decider.groups if ratio_for(g, config.ratios) is None]
+        if unmatched:
+            log(f"prune: groups without a ratio (not pruned): {', '.join(unmatched)}")
+    log("prune: p_g " + " ".join(f"{g}={p:.6g}" for g, p in ratios.items()))
+    keeps = decider.decide_all(ratios)
+    shapes = snapshot(model)
+    if config.fold:
+        folded = fold_removed(analysis, units, keeps)
+        log(f"prune: folded {folded['folded']} removed channels into the next layers "
+            f"({folded['not_constant']} were not constant)")
+    remove_units(analysis, units, keeps, verify=config.verify, scope=config)
+    model.train(was_training)
+    after_figures = measure(model, x)
+    figures = {"params_ratio": after_figures["params"] / before_figures["params"],
+               "macs_ratio": after_figures["macs"] / max(before_figures["macs"], 1.0),
+               "channels_removed": float(sum(int((~k).sum()) for u, k in zip(units, keeps) if u.kind == "channels")),
+               "heads_removed": float(sum(int((~k).sum()) for u, k in zip(units, keeps) if u.kind == "heads"))}
+    log(f"prune: params x{figures['params_ratio']:.3f}, MACs x{figures['macs_ratio']:.3f}, "
+        f"{int(figures['channels_removed'])} channels and {int(figures['heads_removed'])} heads removed")
+    return PruneResult(model, make_manifest(shapes, model), ratios, figures)
+
+
+def remove_units(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.ndarray], verify: bool = True,
+                 scope: ScopeConfig | None = None) -> None:
+    """Physically remove the dropped elements (phase 1 exact + heads, then phase 2), checking each phase."""
+    model, x = analysis.model, analysis.example
+    chosen = [(u, k) for u, k in zip(units, keeps) if not k.all()]
+    phase1 = [(u, k) for u, k in chosen if u.exact]
+    phase2 = [(u, k) for u, k in chosen if not u.exact]
+    pristine = copy.deepcopy(model) if verify else None
+    reference = masked_copy(model, phase1) if verify else None
+    for unit, keep in phase1:
+        _remove(analysis, unit, keep)
+    if verify:
+        problem = compare_outputs(reference, model, x)
+        if problem:
+            culprit = _find_culprit(pristine, x, phase1, scope)
+            raise PruneError(f"pruning {culprit} gives a wrong model ({problem}); torch-pruning mis-maps its "
+                             f"channels: add '{culprit.split('#')[0]}' to the prune stage's ignore list")
+        del reference, pristine
+    if phase2:
+        expected = [t.shape for t in flat_tensors(_run(model, x))]
+        for unit, keep in phase2:
+            _remove(analysis, unit, keep)
+        if verify:
+            try:
+                got = [t.shape for t in flat_tensors(_run(model, x))]
+            except Exception as exc:
+                raise PruneError(f"after pruning {', '.join(u.name for u, _ in phase2)} the forward pass fails "
+                                 f"({type(exc).__name__}: {exc}); add them to the prune stage's ignore list") from exc
+            if got != expected:
+                raise PruneError(f"pruning changed the output shapes from {expected} to {got}")
+
+
+@torch.no_grad()
+def _run(model: nn.Module, x: torch.Tensor) -> Any:
+    model.eval()
+    return raw_forward(model, x)
+
+
+def _remove(analysis: Analysis, unit: Unit, keep: np.ndarray) -> None:
+    remove = np.flatnonzero(~keep).tolist()
+    if unit.kind == "heads":
+        prune_heads(analysis.model.get_submodule(unit.attention), remove)
+        return
+    graph = analysis.graph
+    try:
+        group = graph.get_pruning_group(unit.root_module, unit.root_fn, remove)
+        if not graph.check_pruning_group(group):
+            raise PruneError(f"pruning {len(remove)} of {unit.size} channels of {unit.name} would empty a layer")
+        group.prune()
+    except PruneError:
+        raise
+    except Exception as exc:  # torch-pruning's own failures, with the layer named
+        raise PruneError(f"torch-pruning failed to remove channels of {unit.name}: {type(exc).__name__}: {exc}") from exc
+    sync_split_sizes(graph, analysis.records)
+
+
+@torch.no_grad()
+def masked_copy(model: nn.Module, chosen: Sequence[tuple[Unit, np.ndarray]]) -> nn.Module:
+    """A copy whose readers ignore the removed channels (input columns zeroed): what removal must equal."""
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    for unit, keep in chosen:
+        for m in unit.members:
+            layer = modules.get(m.module)
+            if m.dim != "in" or not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            local = np.unique(m.local[~keep[m.root]])
+            if len(local) == 0:
+                continue
+            if isinstance(layer, nn.Linear):
+                layer.weight[:, torch.as_tensor(local, device=layer.weight.device)] = 0
+                continue
+            per_in = layer.in_channels // layer.groups
+            per_out = layer.out_channels // layer.groups
+            for c in local.tolist():
+                g = c // per_in
+                if layer.transposed:
+                    layer.weight[c] = 0
+                else:
+                    layer.weight[g * per_out:(g + 1) * per_out, c % per_in] = 0
+    return ref
+
+
+def compare_outputs(reference: nn.Module, model: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> str | None:
+    """None when both give the same outputs (to tol x (1 + max |reference|)), else what differs."""
+    want = flat_tensors(_run(reference, x))
+    try:
+        got = flat_tensors(_run(model, x))
+    except Exception as exc:  # e.g. a layer with per-channel state torch-pruning does not know
+        return f"its forward pass fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if [t.shape for t in want] != [t.shape for t in got]:
+        return f"output shapes {[tuple(t.shape) for t in got]} instead of {[tuple(t.shape) for t in want]}"
+    for i, (a, b) in enumerate(zip(want, got)):
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        scale = 1 + a.double().abs().max().item() if a.numel() else 1.0
+        if not diff <= tol * scale:
+            return f"output {i} differs from the masked reference by {diff:.3g} (scale {scale:.3g})"
+    return None
+
+
+def _find_culprit(pristine: nn.Module, x: torch.Tensor, chosen: Sequence[tuple[Unit, np.ndarray]],
+                  scope: ScopeConfig | None) -> str:
+    """Prune the units one at a time on fresh copies; the first whose result is wrong."""
+    for unit, keep in chosen:
+        trial = copy.deepcopy(pristine)
+        analysis = analyze_scope(trial, x, scope)
+        match = [u for u in analysis.units if u.name == unit.name and u.prunable]
+        if not match:
+            continue
+        reference = masked_copy(trial, [(match[0], keep)])
+        try:
+            _remove(analysis, match[0], keep)
+        except PruneError:
+            return unit.name
+        if compare_outputs(reference, trial, x):
+            return unit.name
+    return "several units together"
+
+
+def describe_groups(model: nn.Module, example_input: Any, scope: ScopeConfig | None = None) -> list[dict[str, Any]]:
+    """Rows for `compress inspect --groups`: one per group of prunable layers, then one per reason a set of
+    units must stay whole. Keys: group, stride, family, score, layers, channels, mean_score, examples, note."""
+    analysis = analyze_scope(model, example_input, scope)
+    rows: dict[str, dict[str, Any]] = {}
+    for unit in analysis.prunable_units():
+        for c in unit.carriers:
+            row = rows.setdefault(c.group, {"group": c.group, "stride": c.stride, "family": c.group.split("/", 1)[-1],
+                                            "score": set(), "layers": 0, "channels": 0, "_sum": 0.0, "examples": [],
+                                            "note": ""})
+            row["score"].add("|gamma|" if c.kind == "gamma" else "magnitude")
+            row["layers"] += 1
+            row["channels"] += len(c.roots)
+            row["_sum"] += float(c.score.sum())
+            if len(row["examples"]) < 3:
+                row["examples"].append(c.name)
+    out = []
+    for row in sorted(rows.values(), key=lambda r: (r["stride"] is None, r["stride"] or 0, r["family"])):
+        row["score"] = "+".join(sorted(row["score"]))
+        row["mean_score"] = row.pop("_sum") / max(row["channels"], 1)
+        out.append(row)
+    reasons: dict[str, list[Unit]] = {}
+    for unit in analysis.units:
+        if not unit.prunable:
+            reasons.setdefault(_generic_reason(unit.reason), []).append(unit)
+    for reason, kept in reasons.items():
+        out.append({"group": "(kept whole)", "stride": None, "family": "", "score": "", "layers": len(kept),
+                    "channels": sum(u.size for u in kept), "mean_score": 0.0,
+                    "examples": [u.name for u in kept[:3]], "note": reason})
+    return out
+
+
+def _generic_reason(reason: str | None) -> str:
+    """Group similar reasons ("layer X produces a model output" for many X) under one row."""
+    return re.sub(r"(layer|GroupNorm|attention|ignored) \S+", r"\1 ...", reason or "")

@@ -1,0 +1,31 @@
+"""The `prune` stage and the checkpoint restorer that replays its shape manifest."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+
+from compress.checkpoint import register_restorer
+from compress.prune.config import PruneConfig
+from compress.prune.core import prune_model
+from compress.prune.manifest import apply_manifest, merge_manifests
+from compress.prune.trace import example_batch
+from compress.stages import register_stage
+
+if TYPE_CHECKING:
+    from compress.pipeline import RunContext
+
+
+@register_stage("prune", PruneConfig)
+def prune(model: nn.Module, config: PruneConfig, ctx: RunContext) -> nn.Module:
+    """Group channel pruning; the manifest goes to `ctx.model_meta["prune"]` (merged with earlier prunes)."""
+    result = prune_model(model, config, example_batch(model, ctx.recipe.image_size), log=ctx.log)
+    ctx.model_meta["prune"] = merge_manifests(ctx.model_meta.get("prune"), result.manifest)
+    ctx.stage_metrics.update({"params_ratio": result.figures["params_ratio"],
+                              "macs_ratio": result.figures["macs_ratio"]})
+    return result.model
+
+
+@register_restorer("prune")
+def _restore(model: nn.Module, manifest: Any) -> nn.Module:
+    return apply_manifest(model, manifest)

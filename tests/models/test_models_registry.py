@@ -1,0 +1,111 @@
+"""Builders by spec prefix, file: builders, and the error messages of bad specs."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from compress.models import ModelSpecError, build_model, register_model, registered_models
+
+
+def test_compress_models_registered() -> None:
+    assert {"digits-cnn", "yolo-n", "yolo-s"} <= set(registered_models())
+
+
+def test_digits_cnn_forward() -> None:
+    model = build_model("compress:digits-cnn", num_classes=7).eval()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_timm_resnet18() -> None:
+    model = build_model("timm:resnet18", num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_torchvision_resnet18() -> None:
+    model = build_model("torchvision:resnet18", num_classes=10).eval()
+    assert model.fc.out_features == 10
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_torchvision_detector_random_weights() -> None:
+    torch.manual_seed(0)
+    model = build_model("torchvision:ssdlite320_mobilenet_v3_large", num_classes=11).eval()
+    assert model.head.classification_head.module_list[0][1].out_channels % 11 == 0
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_file_builder(tmp_path) -> None:
+    path = tmp_path / "my_model.py"
+    path.write_text(textwrap.dedent(
+        """
+        from torch import nn
+
+        def tiny(num_classes, hidden=4):
+            return nn.Sequential(nn.Flatten(), nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        """
+    ))
+    model = build_model(f"file:{path}:tiny", num_classes=3, hidden=5)
+    assert model[1].out_features == 5
+    assert model(torch.rand(2, 3, 2, 2)).shape == (2, 3)
+
+
+def test_file_builder_errors(tmp_path) -> None:
+    path = tmp_path / "m.py"
+    path.write_text("from torch import nn\ndef small_net(num_classes):\n    return nn.Linear(2, num_classes)\n")
+    with pytest.raises(ModelSpecError, match=r"does not exist") as e:
+        build_model(f"file:{tmp_path / 'nope.py'}:small_net", num_classes=2)
+    assert "nope.py" in str(e.value)
+    with pytest.raises(ModelSpecError, match=r"did you mean 'small_net'") as e:
+        build_model(f"file:{path}:small_nett", num_classes=2)
+    assert str(path) in str(e.value)
+    with pytest.raises(ModelSpecError, match=r"file:path/to/model.py:function"):
+        build_model(f"file:{path}", num_classes=2)
+
+
+def test_unknown_compress_name_suggests_close_one() -> None:
+    with pytest.raises(ModelSpecError) as e:
+        build_model("compress:digit-cnn", num_classes=10)
+    msg = str(e.value)
+    assert "compress:digit-cnn" in msg and "did you mean 'digits-cnn'" in msg
+    assert "yolo-n" in msg and "yolo-s" in msg  # lists the known names
+    assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("resnet18", "no prefix"),
+        ("tim:resnet18", "did you mean 'timm'"),
+        ("timm:resnet181", "did you mean 'resnet18'"),
+        ("torchvision:resnet_18", "did you mean 'resnet18'"),
+    ],
+)
+def test_bad_specs(spec: str, needle: str) -> None:
+    with pytest.raises(ModelSpecError, match=needle) as e:
+        build_model(spec, num_classes=10)
+    assert spec in str(e.value)
+
+
+def test_register_duplicate_raises() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("yolo-n")(lambda num_classes: nn.Identity())
+
+
+def test_register_custom_and_build() -> None:
+    name = "test-only-linear"
+    if name not in registered_models():
+        register_model(name)(lambda num_classes, width=2: nn.Linear(width, num_classes))
+    assert build_model(f"compress:{name}", num_classes=4, width=3).weight.shape == (4, 3)
+
+
+@pytest.mark.parametrize(("spec", "option"), [("timm:resnet18", "pretrained"), ("torchvision:resnet18", "weights")])
+def test_downloading_weights_is_refused(spec: str, option: str) -> None:
+    with pytest.raises(ModelSpecError, match=f"{option} is not supported"):
+        build_model(spec, num_classes=10, **{option: True if option == "pretrained" else "DEFAULT"})

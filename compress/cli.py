@@ -54,7 +54,7 @@ def _print_summary(report: dict, out: Path) -> None:
         metrics = " ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
         table.add_row(s["name"], metrics, f"{s['params']:,}", f"{s['macs']:,}", f"{s['size_bytes'] / 1e6:.3f}",
                       f"{s['bits_per_weight']:.2f}", f"{s['seconds']:.1f}")
-    Console().print(table)
+    Console(width=max(140, Console().width)).print(table)
 
 
 @app.command()

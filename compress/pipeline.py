@@ -56,6 +56,7 @@ class RunContext:
     model_meta: dict[str, Any] = field(default_factory=dict)
     stage_metrics: dict[str, float] = field(default_factory=dict)
     finished: list[dict[str, Any]] = field(default_factory=list)  # report entries of the stages done so far
+    file_overhead_bytes: int = 0  # bytes a stage's output file holds beyond the tensors (artifact header)
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 
     @property
@@ -212,7 +213,7 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
     model = model.to(ctx.device)
 
     for index, name in planned_stages(recipe)[len(done):]:
-        ctx.stage_index, ctx.stage_name, ctx.stage_metrics = index, name, {}
+        ctx.stage_index, ctx.stage_name, ctx.stage_metrics, ctx.file_overhead_bytes = index, name, {}, 0
         set_seed(ctx.stage_seed)
         start = time.perf_counter()
         if index >= 0:
@@ -232,7 +233,9 @@ def _finish_stage(model: nn.Module, ctx: RunContext, index: int, name: str, seco
     stage_dir = ctx.stage_dir(index, name)
     metrics = ctx.evaluate(model)
     metrics.update(ctx.stage_metrics)
-    entry = {"name": name, "metrics": metrics, **measure(model, ctx.example_input(model)),
+    figures = measure(model, ctx.example_input(model))
+    figures["size_bytes"] += ctx.file_overhead_bytes
+    entry = {"name": name, "metrics": metrics, **figures,
              "seconds": round(seconds, 3), "checkpoint": str((stage_dir / "model.safetensors").relative_to(ctx.run_dir))}
     if ctx.is_main:
         save_model(stage_dir / "model.safetensors", model, model_spec(ctx.recipe), ctx.model_meta)

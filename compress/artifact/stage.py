@@ -36,10 +36,13 @@ def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
 
 @register_stage("export", ExportConfig)
 def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
+    from compress.evaluate import storage_bytes
+
     path = ctx.run_dir / config.path
     if ctx.is_main:
         size = write_artifact(path, model, artifact_manifest(ctx))
         ctx.log(f"export: wrote {path} ({size:,} bytes)")
-        ctx.stage_metrics["artifact_bytes"] = float(size)
     ctx.accelerator.wait_for_everyone()
+    # the stage's size is the file: tensors (as measured) plus the header with its manifest
+    ctx.file_overhead_bytes = max(0, path.stat().st_size - storage_bytes(model))
     return model

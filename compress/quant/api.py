@@ -1,0 +1,183 @@
+"""`quantize(model, calib_batches, method, bits, **options)`: the one verb of compress.quant."""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.evaluate.size import count_params, storage_bytes
+from compress.quant.calibration import FloatInputs, Site, call_order, collect_stats, find_sites, to_device
+from compress.quant.formats import bits_per_weight, decode, matrix_shape, storage_bits
+from compress.quant.layers import attach_quantized
+from compress.quant.plan import allocate_bits, measure_sensitivity
+from compress.quant.registry import QuantConfig, get_method, make_config
+from compress.quant.stats import quadratic_loss
+
+__all__ = ["quantize", "plan_bits", "plan_budget_bits", "PLAN_FORMAT"]
+
+PLAN_FORMAT = 1  # version of the plan / model_meta["quantization"] layout
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _dense_weight_bytes(sites: list[Site]) -> int:
+    return sum(s.weight.numel() * s.weight.element_size() for s in sites)
+
+
+def plan_budget_bits(model: nn.Module, sites: list[Site], config: QuantConfig) -> float:
+    """Stored bits the quantized weights may take so that the whole model meets the target (mixed)."""
+    dense = _dense_weight_bytes(sites)
+    if config.size_bytes is not None:
+        return 8.0 * (config.size_bytes - (storage_bytes(model, buffers=True) - dense))
+    return config.bits * count_params(model) - 8.0 * (storage_bytes(model, buffers=False) - dense)
+
+
+def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlcm", bits: float | None = None,
+             progress: Progress | None = None, **options: Any) -> nn.Module:
+    """Quantize the Linear, Conv1d/2d and attention in-projection weights of `model` in place; returns it.
+
+    calib_batches: inputs, each passed as `model(batch)` (kept in memory; moved to the model's device).
+    method: a registered method (jlcm, kmeans, rtn, nf4, or one added with `register_method`).
+    bits: uniform allocation: the index bits of every layer; mixed: the target average bits per weight of
+    the whole model, everything stored counted (None: the method's default). options: the method's config
+    fields (unknown ones are refused with the valid list). progress(event) is called after each layer.
+    The plan (per layer: bits, groups, weights, stored bits per weight, errors, layout) is set as
+    `model.quantization_plan` (a JSON-able dict; `model_meta["quantization"]` of a checkpoint).
+    """
+    spec = get_method(method)
+    opts = dict(options)
+    if bits is not None:
+        opts["bits"] = bits
+    config = make_config(method, opts)
+    start = time.perf_counter()
+    batches_in = list(calib_batches)
+    needs_data = config.needs_stats() or config.allocation == "mixed"
+    if needs_data and not batches_in:
+        raise UserError(f"quantize method '{method}' needs calibration batches (got none)")
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    batches = [to_device(b, device) for b in batches_in]
+    sites = find_sites(model, config.ignore)
+    if not sites:
+        raise UserError(f"quantize: no Linear, Conv1d/Conv2d or attention weight left to quantize "
+                        f"(ignore: {config.ignore})")
+    was_training = model.training
+    model.eval()
+    try:
+        plan = _quantize(model, sites, batches, spec, config, progress)
+    finally:
+        model.train(was_training)
+    plan["summary"]["seconds"] = round(time.perf_counter() - start, 3)
+    model.quantization_plan = plan
+    return model
+
+
+def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlcm", bits: float | None = None,
+              progress: Progress | None = None, **options: Any) -> dict[str, Any]:
+    """The bits `quantize` would give each layer, without quantizing: {"bits": {layer: bits}, "sensitivity":
+    {layer: {bits: {"error", "bits"}}}, "feasible": bool} (mixed allocation measures sensitivity)."""
+    config = make_config(method, {**options, **({} if bits is None else {"bits": bits})})
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    batches = [to_device(b, device) for b in calib_batches]
+    sites = find_sites(model, config.ignore)
+    was_training = model.training
+    model.eval()
+    try:
+        ordered, _ = call_order(model, sites, batches[0]) if batches else (sites, {})
+        layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, get_method(method), config, progress)
+    finally:
+        model.train(was_training)
+    return {"bits": layer_bits, "sensitivity": sensitivity, "feasible": feasible}
+
+
+def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
+              progress: Progress | None) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool]:
+    """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed)."""
+    if config.allocation == "uniform":
+        return {s.name: int(config.bits) for s in ordered}, {}, True
+    if not batches:
+        raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
+    choices = tuple(sorted(set(config.bit_choices)))
+    sens_batches = _first_samples(batches, config.sensitivity_samples)
+    sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
+    layer_bits, feasible = allocate_bits(sensitivity, plan_budget_bits(model, ordered, config))
+    if not feasible:
+        target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
+        warnings.warn(f"quantize: the target {target} is below what the fewest bits ({min(choices)}) take; "
+                      "every layer gets the fewest bits", stacklevel=4)
+    return layer_bits, sensitivity, feasible
+
+
+def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
+              progress: Progress | None) -> dict[str, Any]:
+    ordered, counts = call_order(model, sites, batches[0]) if batches else (sites, {})
+    target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
+    layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, spec, config, progress)
+    with_stats = config.needs_stats() and bool(batches)
+    float_model = copy.deepcopy(model) if with_stats and config.sequential else model
+    stats_all = {}
+    float_inputs = None
+    if with_stats and config.sequential:
+        float_inputs = FloatInputs(float_model, ordered, batches, counts, config.max_samples, config.seed,
+                                   config.cache_mb << 20)
+    if with_stats and not config.sequential:
+        stats_all = collect_stats(model, None, [s for s in ordered if counts.get(s.name)], batches, counts,
+                                  config.max_samples, config.seed)
+    layers = []
+    quantized_any = False
+    for i, site in enumerate(ordered):
+        t0 = time.perf_counter()
+        stats = None
+        if with_stats and counts.get(site.name):
+            if config.sequential:
+                stats = collect_stats(float_model, model if quantized_any else None, [site], batches, counts,
+                                      config.max_samples, config.seed, {site.name: float_inputs.get(site)}).get(site.name)
+            else:
+                stats = stats_all.pop(site.name)
+        weight = site.weight.detach()
+        bits = layer_bits[site.name]
+        layout, buffers = spec.fn(weight, stats, bits, config)
+        error = None
+        if stats is not None:
+            rows, cols = matrix_shape(weight.shape)
+            error = float(quadratic_loss(decode(layout, buffers).reshape(rows, cols).to(stats.H.device),
+                                         weight.float().reshape(rows, cols), stats))
+        attach_quantized(site.module, layout, buffers, site.attr)
+        quantized_any = True
+        entry = {"name": site.name, "attr": site.attr, "kind": site.kind, "shape": list(weight.shape),
+                 "weights": weight.numel(), "bits": bits, "groups": layout.get("groups"),
+                 "bits_per_weight": round(bits_per_weight(layout), 4), "error": error,
+                 "sensitivity": sensitivity.get(site.name, {}).get(bits, {}).get("error"),
+                 "seconds": round(time.perf_counter() - t0, 3), "layout": layout}
+        layers.append(entry)
+        if progress is not None:
+            progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
+                      "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})
+    del float_model
+    n = sum(e["weights"] for e in layers)
+    stored = sum(storage_bits(e["layout"]) for e in layers)
+    summary = {"layers": len(layers), "weights": n,
+               "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n, 4),
+               "bits_per_weight": round(stored / n, 4),
+               "model_bits_per_weight": round(8 * storage_bytes(model, buffers=False) / max(count_params(model), 1), 4),
+               "size_bytes": storage_bytes(model), "target": target, "feasible": feasible}
+    return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
+            "layers": layers, "summary": summary}
+
+
+def _first_samples(batches: list[Any], samples: int) -> list[Any]:
+    """The first batches holding about `samples` inputs (batch size read from the first tensor)."""
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        out.append(batch)
+        first = batch if torch.is_tensor(batch) else next((t for t in (batch if isinstance(batch, (list, tuple)) else batch.values()) if torch.is_tensor(t)), None)
+        seen += first.shape[0] if first is not None and first.dim() else 1
+    return out

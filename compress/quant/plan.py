@@ -1,0 +1,86 @@
+"""Mixed precision: per-layer bits from a measured sensitivity, so the model meets a size target.
+
+Sensitivity: each layer alone is quantized (the method's data-free form: k-means per group for jlcm) at
+every allowed width, and the relative error it causes on the model's outputs over a few calibration
+inputs is measured (8 bits is taken as lossless, error 0, to save a forward pass per layer). Errors are taken as additive across layers. Allocation is greedy by benefit per bit:
+every layer starts at the fewest bits; the upgrade (to any wider choice) with the largest error drop per
+stored bit is taken while it fits the budget. Costs are exact stored bits (indices, codebooks, scales,
+row maps), and the budget counts every other parameter of the model as stored.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.quant.calibration import Site, model_outputs, no_fastpath
+from compress.quant.formats import decode, storage_bits
+from compress.quant.registry import QuantConfig, QuantMethod
+
+__all__ = ["output_error", "measure_sensitivity", "allocate_bits"]
+
+
+def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> float:
+    """Relative squared error sum ||y - y_ref||^2 / sum ||y_ref||^2 over every output tensor of every batch."""
+    num = sum(float(((a.float() - b.float()) ** 2).sum()) for o, r in zip(outputs, reference) for a, b in zip(o, r))
+    den = sum(float((b.float() ** 2).sum()) for r in reference for b in r)
+    return num / max(den, 1e-30)
+
+
+@torch.no_grad()
+def _run(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
+    with no_fastpath():
+        return [model_outputs(model(b)) for b in batches]
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any], method: QuantMethod,
+                        config: QuantConfig, choices: tuple[int, ...],
+                        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """name -> bits -> {"error": model output error with only this layer quantized, "bits": stored bits}."""
+    quick = config.model_copy(update={"calib_steps": 0}) if "calib_steps" in type(config).model_fields else config
+    reference = _run(model, batches)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for i, site in enumerate(sites):
+        param = site.weight
+        original = param.data.clone()
+        out[site.name] = {}
+        for bits in choices:
+            layout, buffers = method.fn(original, None, bits, quick)
+            if bits >= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
+                out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
+                continue
+            param.data.copy_(decode(layout, buffers).to(param.dtype))
+            out[site.name][bits] = {"error": output_error(_run(model, batches), reference),
+                                    "bits": float(storage_bits(layout))}
+        param.data.copy_(original)
+        if progress is not None:
+            progress({"phase": "sensitivity", "layer": site.name, "index": i, "total": len(sites)})
+    return out
+
+
+def allocate_bits(sensitivity: dict[str, dict[int, dict[str, float]]], budget_bits: float) -> tuple[dict[str, int], bool]:
+    """Bits per layer minimising the summed output error with stored bits <= budget_bits; (plan, feasible)."""
+    plan = {name: min(opts) for name, opts in sensitivity.items()}
+    used = sum(sensitivity[n][b]["bits"] for n, b in plan.items())
+    if used > budget_bits:
+        return plan, False
+    while True:
+        best, best_ratio = None, 0.0
+        for name, b in plan.items():
+            opts = sensitivity[name]
+            for wider in opts:
+                extra = opts[wider]["bits"] - opts[b]["bits"]
+                gain = opts[b]["error"] - opts[wider]["error"]
+                if wider <= b or extra <= 0 or used + extra > budget_bits or gain <= 0:
+                    continue
+                ratio = gain / extra
+                if ratio > best_ratio:
+                    best, best_ratio = (name, wider, extra), ratio
+        if best is None:
+            return plan, True
+        name, wider, extra = best
+        plan[name] = wider
+        used += extra

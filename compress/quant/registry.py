@@ -1,0 +1,96 @@
+"""Quantization methods: a registry of (options config, weight quantizer), and the options shared by all."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError, model_validator
+
+from compress.errors import UserError, unknown_choice
+from compress.quant.stats import LayerStats
+from compress.recipe import Config
+
+__all__ = ["QuantConfig", "QuantMethod", "METHODS", "register_method", "get_method", "make_config", "Encoded"]
+
+Encoded = tuple[dict[str, Any], dict[str, torch.Tensor]]  # (layout, stored tensors), see formats.py
+# fn(weight [R, ...] float, stats of the layer's inputs or None, bits of this layer, options) -> Encoded
+QuantFn = Callable[[torch.Tensor, "LayerStats | None", int, "QuantConfig"], Encoded]
+
+
+class QuantConfig(Config):
+    """Options every method takes."""
+
+    bits: float = Field(2.0, gt=0, le=8, description="uniform: the index bits of every layer (1-8); mixed: the "
+                        "target average bits per weight of the whole model, everything stored counted")
+    size_bytes: int | None = Field(None, gt=0, description="mixed only: target size of the model in bytes "
+                                   "(parameters and buffers, as the size report counts), instead of bits")
+    allocation: Literal["uniform", "mixed"] = Field("uniform", description="same bits for every layer, or per-layer "
+                                                    "bits from a measured sensitivity to meet the target")
+    bit_choices: tuple[int, ...] = Field((1, 2, 3, 4, 8), description="mixed: the bits a layer may get")
+    ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
+                              "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")
+    sensitivity_samples: int = Field(16, gt=0, description="mixed: calibration inputs used to measure sensitivity")
+    max_samples: int = Field(8192, gt=0, description="input rows per layer (tokens, or conv positions drawn at "
+                             "random) used for the layer's statistics")
+    sequential: bool = Field(True, description="take each layer's inputs from the model quantized so far (errors "
+                             "of earlier layers are seen and corrected); False: from the float model, in one pass")
+    cache_mb: int = Field(256, ge=0, description="sequential: memory for the float model's inputs of upcoming "
+                          "layers, caught in one pass (more: fewer float passes)")
+    seed: int = Field(0, description="seed of the position sampling")
+
+    @model_validator(mode="after")
+    def _check_allocation(self) -> QuantConfig:
+        if self.allocation == "uniform":
+            if self.size_bytes is not None:
+                raise ValueError("size_bytes needs allocation: mixed (a size target is met by per-layer bits)")
+            if self.bits != int(self.bits) or not 1 <= self.bits <= 8:
+                raise ValueError(f"allocation uniform needs whole bits in 1..8 (got {self.bits}); use allocation: "
+                                 "mixed for an average")
+        if any(not 1 <= b <= 8 for b in self.bit_choices) or not self.bit_choices:
+            raise ValueError(f"bit_choices must be bits in 1..8 (got {list(self.bit_choices)})")
+        return self
+
+    def needs_stats(self) -> bool:
+        """Whether the method uses the layers' input statistics (else calibration data only plans bits)."""
+        return False
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    name: str
+    config_cls: type[QuantConfig]
+    fn: QuantFn
+
+
+METHODS: dict[str, QuantMethod] = {}
+
+
+def register_method(name: str, config_cls: type[QuantConfig]) -> Callable[[QuantFn], QuantFn]:
+    """Register `fn(weight, stats, bits, config) -> (layout, tensors)` as the method `name`; a duplicate raises."""
+
+    def wrap(fn: QuantFn) -> QuantFn:
+        if name in METHODS:
+            raise ValueError(f"quantization method '{name}' is already registered by {METHODS[name].fn.__module__}")
+        METHODS[name] = QuantMethod(name, config_cls, fn)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> QuantMethod:
+    if name not in METHODS:
+        raise UserError(unknown_choice("quantization method", name, METHODS))
+    return METHODS[name]
+
+
+def make_config(method: str, options: dict[str, Any]) -> QuantConfig:
+    """Validate `options` for `method`; a bad or unknown key raises UserError naming it and the valid ones."""
+    from compress.recipe import _format_validation_error
+
+    spec = get_method(method)
+    try:
+        return spec.config_cls.model_validate(options)
+    except ValidationError as exc:
+        raise UserError(f"quantize method '{method}': {_format_validation_error(exc)}") from None

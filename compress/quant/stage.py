@@ -1,0 +1,112 @@
+"""The `quantize` stage (the API fed by the recipe's calib split) and its checkpoint restorer."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+from pydantic import Field, ValidationError, model_serializer, model_validator
+
+from compress.checkpoint import atomic_write_json, register_restorer
+from compress.errors import UserError, unknown_choice
+from compress.quant.api import PLAN_FORMAT, quantize
+from compress.quant.layers import attach_quantized
+from compress.quant.registry import METHODS, get_method
+from compress.recipe import Config
+from compress.stages import register_stage
+
+if TYPE_CHECKING:
+    from compress.pipeline import RunContext
+
+__all__ = ["QuantizeStageConfig", "quantize_stage", "restore_quantization", "META_KEY"]
+
+META_KEY = "quantization"
+_STAGE_FIELDS = ("method", "batch_size")
+
+
+class QuantizeStageConfig(Config):
+    """`- quantize: {method: jlcm, bits: 2.0, groups: 8, calib_steps: 200}`: method, loader batch size, and
+    the method's own options, written flat (validated against the method's config; see compress.quant)."""
+
+    method: str = Field("jlcm", description="registered quantization method: jlcm, kmeans, rtn, nf4, ...")
+    batch_size: int = Field(32, gt=0, description="calibration batch size")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options (written flat in a recipe)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        # stage fields stay; every other key is an option of the method, validated by the method's config
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method", "jlcm")
+        if method not in METHODS:
+            raise ValueError(unknown_choice("quantization method", method, METHODS))
+        options = dict(data.pop("options", None) or {})
+        options.update({k: data.pop(k) for k in list(data) if k not in _STAGE_FIELDS})
+        known = (*_STAGE_FIELDS, *get_method(method).config_cls.model_fields)
+        for key in options:
+            if key not in known:
+                raise ValueError(f"{unknown_choice('field', key, known)} of quantize method '{method}'")
+        try:
+            config = get_method(method).config_cls.model_validate(options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+        data["options"] = config.model_dump(mode="json", exclude_unset=True)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        out.update(out.pop("options", {}) or {})
+        return out
+
+
+@register_stage("quantize", QuantizeStageConfig)
+def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContext) -> nn.Module:
+    """Quantize with the calib split's images only; the plan goes to the checkpoint meta and the stage dir."""
+    loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
+    batches = [ctx.task.inputs(batch) for batch in loader]
+    with ctx.progress(f"quantize ({config.method})", total=_count_sites(model, config)) as advance:
+        def progress(event: dict[str, Any]) -> None:
+            if event["phase"] == "quantize":
+                info = {"bits": event["bits"]}
+                if event.get("error") is not None:
+                    info["err"] = event["error"]
+                advance(**info)
+
+        model = quantize(model, batches, method=config.method, progress=progress, **config.options)
+    plan = model.quantization_plan
+    summary = plan["summary"]
+    ctx.model_meta[META_KEY] = plan
+    ctx.stage_metrics.update({"quant_bits_per_weight": summary["bits_per_weight"],
+                              "quant_index_bits": summary["index_bits"],
+                              "quant_model_bits_per_weight": summary["model_bits_per_weight"],
+                              "quant_layers": float(summary["layers"])})
+    if ctx.is_main:
+        atomic_write_json(ctx.stage_dir(ctx.stage_index, ctx.stage_name) / "quantization_plan.json",
+                          {k: v for k, v in plan.items()})
+    ctx.log(f"quantize ({config.method}): {summary['layers']} layers, {summary['index_bits']} index bits, "
+            f"{summary['bits_per_weight']} bits/weight quantized ({summary['model_bits_per_weight']} whole model), "
+            f"{summary['seconds']}s")
+    return model
+
+
+def _count_sites(model: nn.Module, config: QuantizeStageConfig) -> int:
+    from compress.quant.calibration import find_sites
+
+    return len(find_sites(model, config.options.get("ignore", [])))
+
+
+@register_restorer(META_KEY)
+def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Give the listed layers of a stock (or pruned) model the quantized form, with empty stored tensors of the
+    right shapes, so that `load_state_dict` fills them."""
+    if plan.get("format") != PLAN_FORMAT:
+        raise UserError(f"quantization plan format {plan.get('format')!r} is not supported (this version reads "
+                        f"{PLAN_FORMAT}); use a compress version that wrote it")
+    for entry in plan["layers"]:
+        attach_quantized(model.get_submodule(entry["name"]), entry["layout"], None, entry["attr"])
+    model.quantization_plan = plan
+    return model

@@ -36,7 +36,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
-            f"checkpoint '{path}' is not a state dict (expected name -> tensor, optionally under 'state_dict' or 'model')"
+            f"checkpoint '{path}' is not a state dict "
+            "(expected name -> tensor, optionally under a 'state_dict' or 'model' key)"
         )
     return obj
 

@@ -47,7 +47,9 @@ def registered_models() -> list[str]:
 def build_model(spec: str, num_classes: int, checkpoint: str | None = None, **kwargs) -> nn.Module:
     """Build the model a spec names with `num_classes` outputs and random init, then load `checkpoint` if given."""
     prefix, sep, name = str(spec).partition(":")
-    if not sep or not name:
+    if sep and not name:
+        raise ModelSpecError(f"model spec '{spec}' names no model after '{prefix}:'")
+    if not sep:
         raise ModelSpecError(
             f"model spec '{spec}' has no prefix: write one of "
             + ", ".join(f"'{p}:NAME'" for p in PREFIXES[:3]) + " or 'file:path.py:function'"

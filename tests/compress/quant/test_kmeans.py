@@ -25,8 +25,8 @@ def _brute_force_sse(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
 def test_kmeans_is_optimal_on_toys() -> None:
     gen = torch.Generator().manual_seed(0)
     for trial in range(6):
-        x = torch.randn(7, generator=gen, dtype=torch.float64) * (1 + trial)
-        w = torch.rand(7, generator=gen, dtype=torch.float64) + 0.1
+        x = torch.randn(6, generator=gen, dtype=torch.float64) * (1 + trial)
+        w = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
         k = 2 + trial % 2
         centroids = kmeans_1d(x, k, w)
         got = kmeans_sse(x.float(), centroids, w.float())

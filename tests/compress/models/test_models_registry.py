@@ -82,6 +82,7 @@ def test_unknown_compress_name_suggests_close_one() -> None:
     ("spec", "needle"),
     [
         ("resnet18", "no prefix"),
+        ("timm:", "names no model"),
         ("tim:resnet18", "did you mean 'timm'"),
         ("timm:resnet181", "did you mean 'resnet18'"),
         ("torchvision:resnet_18", "did you mean 'resnet18'"),

@@ -6,12 +6,14 @@ must take every tensor exactly (names and shapes). Nothing is unpickled.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,10 @@ def write_artifact(path: str | Path, model: nn.Module, manifest: dict[str, Any])
     tensors = state_tensors(model)
     manifest = {**manifest, "format": FORMAT, "version": FORMAT_VERSION, "versions": library_versions(),
                 "tensors_sha256": tensors_sha256(tensors), "tensor_count": len(tensors)}
-    manifest_json = json.dumps(manifest, sort_keys=True)
-    metadata = {"format": f"{FORMAT}/{FORMAT_VERSION}", "manifest": manifest_json,
+    manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    # the manifest is repetitive JSON (per-layer shapes and layouts): zlib makes it ~10x smaller
+    packed = base64.b64encode(zlib.compress(manifest_json.encode(), 9)).decode("ascii")
+    metadata = {"format": f"{FORMAT}/{FORMAT_VERSION}", "manifest": packed, "manifest_encoding": "zlib+base64",
                 "manifest_sha256": hashlib.sha256(manifest_json.encode()).hexdigest()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -70,6 +74,7 @@ def write_artifact(path: str | Path, model: nn.Module, manifest: dict[str, Any])
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -135,7 +140,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if version != str(FORMAT_VERSION):
         raise ArtifactError(f"{path}: format version {version!r} is not supported by this compress "
                             f"(it reads version {FORMAT_VERSION}); upgrade compress or re-export")
-    manifest_json = metadata.get("manifest", "")
+    manifest_json = _decode_manifest(path, metadata)
     if hashlib.sha256(manifest_json.encode()).hexdigest() != metadata.get("manifest_sha256"):
         raise ArtifactError(f"{path}: manifest checksum mismatch; the header is damaged")
     manifest = json.loads(manifest_json)
@@ -146,6 +151,19 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if len(tensors) != manifest.get("tensor_count") or tensors_sha256(tensors) != manifest.get("tensors_sha256"):
         raise ArtifactError(f"{path}: tensor data checksum mismatch; the file is damaged")
     return tensors, manifest
+
+
+def _decode_manifest(path: Path, metadata: dict[str, str]) -> str:
+    encoding = metadata.get("manifest_encoding", "json")
+    raw = metadata.get("manifest", "")
+    if encoding == "json":
+        return raw
+    if encoding != "zlib+base64":
+        raise ArtifactError(f"{path}: unknown manifest encoding {encoding!r}")
+    try:
+        return zlib.decompress(base64.b64decode(raw.encode("ascii"), validate=True)).decode("utf-8")
+    except (ValueError, zlib.error, UnicodeError) as exc:
+        raise ArtifactError(f"{path}: the manifest cannot be decoded ({exc.__class__.__name__}); the header is damaged") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool = False,

@@ -63,8 +63,14 @@ class JLCMConfig(QuantConfig):
     damp: float = Field(0.01, ge=0, description="ridge toward the float weights: lambda = damp * mean diag of the "
                         "input second moment (guards against few calibration samples)")
 
+    init_points: int = Field(256, ge=8, description="k-means init: exact on an equal-count summary of this many "
+                             "points per group, then Lloyd steps on all values")
+
     def needs_stats(self) -> bool:
         return self.calib_steps > 0 or self.init_weighting == "hessian"
+
+    def quick(self) -> JLCMConfig:
+        return self.model_copy(update={"calib_steps": 0, "init_points": 64})
 
 
 def row_statistic(w: torch.Tensor, kind: str = "std") -> torch.Tensor:
@@ -430,10 +436,11 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
     shared = config.variant == "shared-codebook-scale"
     if shared:
         normalised = w / unit[row_group][:, None]
-        tables = kmeans_1d(normalised, k, col_w)[None]  # [1, K] in units of each group's std
+        tables = kmeans_1d(normalised, k, col_w, max_points=config.init_points)[None]  # [1, K] in group std units
         row_tables = tables[0][None, :] * unit[row_group][:, None]
     else:
-        tables = torch.stack([kmeans_1d(w[m], k, None if col_w is None else col_w[m]) for m in members])
+        tables = torch.stack([kmeans_1d(w[m], k, None if col_w is None else col_w[m], max_points=config.init_points)
+                              for m in members])
         row_tables = tables[row_group]
     idx = nearest_rows(w, row_tables)
     scales = unit if shared else None

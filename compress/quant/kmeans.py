@@ -84,7 +84,7 @@ def _fill(values: torch.Tensor, k: int) -> torch.Tensor:
     return values
 
 
-def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, max_points: int = 512,
+def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, max_points: int = 256,
               lloyd_steps: int = 8) -> torch.Tensor:
     """Weighted 1-D k-means of the values `x` (any shape): the k sorted centroids, float32 on x's device.
 
@@ -93,30 +93,36 @@ def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, max_
     values give k distinct centroids anyway (gaps are split), so a sorted codebook never repeats an entry.
     """
     device = x.device
-    x = x.detach().reshape(-1).to(torch.float64)
-    w = torch.ones_like(x) if weights is None else weights.detach().reshape(-1).to(torch.float64)
+    x = x.detach().reshape(-1).float()
+    w = torch.ones_like(x) if weights is None else weights.detach().reshape(-1).float()
     if w.shape != x.shape:
         raise ValueError(f"weights {tuple(w.shape)} must match the values {tuple(x.shape)}")
     w = w.clamp_min(0) + 1e-12 * float(w.abs().mean().clamp_min(1e-30))
-    order = torch.argsort(x)
-    x, w = x[order], w[order]
+    x, order = torch.sort(x)
+    w = w[order]
     if 1 + int((x[1:] != x[:-1]).sum()) <= k:
-        return _fill(x, k).to(torch.float32).to(device)
-    p, pw = _summarise(x, w, max_points)
+        return _fill(x.double(), k).float().to(device)
+    xd, wd = x.double(), w.double()
+    p, pw = _summarise(xd, wd, max_points)
     starts = _dp_segments(p, pw, k)
     seg = torch.bucketize(torch.arange(p.numel(), device=p.device), starts, right=True) - 1
-    zeros = torch.zeros(k, dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(k, dtype=torch.float64, device=x.device)
     cent = zeros.clone().index_add_(0, seg, pw * p) / zeros.clone().index_add_(0, seg, pw)
     if p.numel() < x.numel():
+        # Lloyd on the sorted values: clusters are runs cut at the midpoints, sums come from prefix sums
+        zero = torch.zeros(1, dtype=torch.float64, device=x.device)
+        s0 = torch.cat([zero, torch.cumsum(wd, 0)])
+        s1 = torch.cat([zero, torch.cumsum(wd * xd, 0)])
+        last = torch.tensor([x.numel()], device=x.device)
         for _ in range(lloyd_steps):
-            a = assign_nearest(x, cent)
-            ws = zeros.clone().index_add_(0, a, w)
-            new = zeros.clone().index_add_(0, a, w * x) / ws.clamp_min(1e-300)
-            new = torch.where(ws > 0, new, cent)
+            cuts = torch.searchsorted(xd, (cent[1:] + cent[:-1]) / 2)
+            bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), cuts, last])
+            ws = s0[bounds[1:]] - s0[bounds[:-1]]
+            new = torch.where(ws > 0, (s1[bounds[1:]] - s1[bounds[:-1]]) / ws.clamp_min(1e-300), cent)
             new = torch.sort(new).values
             if torch.equal(new, cent):
                 break
             cent = new
     if torch.unique(cent).numel() < k:
         cent = _fill(cent, k)
-    return cent.to(torch.float32).to(device)
+    return cent.float().to(device)

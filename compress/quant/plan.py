@@ -40,7 +40,7 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                         config: QuantConfig, choices: tuple[int, ...],
                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """name -> bits -> {"error": model output error with only this layer quantized, "bits": stored bits}."""
-    quick = config.model_copy(update={"calib_steps": 0}) if "calib_steps" in type(config).model_fields else config
+    quick = config.quick()
     reference = _run(model, batches)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for i, site in enumerate(sites):

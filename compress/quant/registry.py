@@ -56,6 +56,10 @@ class QuantConfig(Config):
         """Whether the method uses the layers' input statistics (else calibration data only plans bits)."""
         return False
 
+    def quick(self) -> QuantConfig:
+        """The options used to measure sensitivity: data-free and cheap, the same stored layout."""
+        return self
+
 
 @dataclass(frozen=True)
 class QuantMethod:

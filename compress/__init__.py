@@ -7,7 +7,8 @@ from compress.artifact import ArtifactError, load
 from compress.errors import RecipeError, UserError
 from compress.recipe import Recipe, load_recipe
 
-__all__ = ["ArtifactError", "Recipe", "RecipeError", "UserError", "load", "load_recipe", "run", "__version__"]
+__all__ = ["ArtifactError", "Recipe", "RecipeError", "UserError", "load", "load_recipe", "quantize", "run",
+           "__version__"]
 
 
 def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[str] | None = None) -> dict:
@@ -17,3 +18,10 @@ def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[st
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return run_pipeline(recipe, out, resume=resume)
+
+
+def quantize(model, calib_batches, method: str = "jlcm", bits: float | None = None, **options):
+    """Quantize any nn.Module's conv/linear weights with codebooks (see compress.quant.quantize)."""
+    from compress.quant import quantize as quantize_model
+
+    return quantize_model(model, calib_batches, method=method, bits=bits, **options)

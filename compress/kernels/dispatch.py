@@ -121,6 +121,10 @@ def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor
     rows, cols = matrix_shape(layout["shape"])
     bits, kind = layout["bits"], layout["codebook"]
     packed = buffers["packed"]
+    if layout.get("packing", "rows") == "flat":  # short rows are stored as one flat stream: kernels want rows
+        from compress.quant.packing import pack_indices, unpack_indices
+
+        packed = pack_indices(unpack_indices(packed, bits, rows * cols).reshape(rows, cols), bits)
     if kind == "grid":
         base = torch.arange(1 << bits, dtype=torch.float32, device=packed.device)[None, :]
     else:

@@ -28,7 +28,9 @@ def layer_table(run_dir: Path, stages: list[dict[str, Any]]) -> list[dict[str, A
     """Per layer: output channels in the baseline and at the end, and the bits its weight is stored with."""
     base_shapes, _ = _read_header(run_dir / stages[0]["checkpoint"])
     last_shapes, last_meta = _read_header(run_dir / stages[-1]["checkpoint"])
-    quant = (last_meta.get("quantization") or {}).get("layers", last_meta.get("quantization") or {})
+    plan_layers = (last_meta.get("quantization") or {}).get("layers") or []
+    quant = {entry["name"]: {**entry.get("layout", {}), "bits": entry.get("bits")} for entry in plan_layers
+             if entry.get("attr", "weight") == "weight"}
     rows = []
     for name, shape in base_shapes.items():
         if not name.endswith(".weight") or len(shape) < 2:
@@ -130,7 +132,8 @@ def write_report(run_dir: str | Path) -> Path:
     for name, data in plots.items():
         (run_dir / name).write_bytes(data)
     base = stages[0]
-    rows = [{"stage": s["name"], **{k: v for k, v in s["metrics"].items()},
+    shown = ("top1", "map50", "map")
+    rows = [{"stage": s["name"], **{k: v for k, v in s["metrics"].items() if k in shown},
              "params": s["params"], "params_ratio": s["params"] / base["params"], "macs_ratio": s["macs"] / max(base["macs"], 1),
              "size_MB": s["size_bytes"] / 1e6, "compression": base["size_bytes"] / s["size_bytes"],
              "bits_per_weight": s["bits_per_weight"], "seconds": s["seconds"]} for s in stages]

@@ -1,11 +1,16 @@
 """Codebook quantization: JLCM (jointly learnable codebooks and mappings) and the baselines it must beat.
 
     import compress.quant as cq
-    model = cq.quantize(model, calib_batches, method="jlcm", bits=2.0, groups=8)   # mixed, 2.0 bits/weight
-    model.quantization_plan["summary"]                                             # what was done, per layer too
+    cq.quantize(model, calib_batches, method="jlcm", bits=2.0)       # mixed precision, 2.0 bits/weight in all
+    cq.quantize(model, calib_batches, method="rtn", bits=4)          # uniform 4-bit per-row round-to-nearest
+    model.quantization_plan["summary"], model.quantization_plan["layers"]   # what was done, per layer
 
-Methods: `jlcm`, `kmeans` (Deep Compression), `rtn` (uniform per-row), `nf4` (bitsandbytes); more with
-`register_method`. Quantized layers keep packed indices + codebooks and dequantize on the fly.
+Methods (a registry; add one with `register_method(name, ConfigClass)(fn)`): `jlcm` (ours, jlcm.py),
+`kmeans` (one codebook per tensor, Deep Compression), `rtn` (uniform per-row, asymmetric), `nf4`
+(bitsandbytes NF4, blocksize 64). Options are each method's pydantic config (unknown keys refused).
+Quantized layers keep packed indices + codebooks as buffers and dequantize on the fly (layers.py); the
+stored form and its exact size are in formats.py; the `quantize` recipe stage and its checkpoint restorer
+in stage.py (imported by the stage registry, not here, so `import compress.quant` registers no stage).
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from compress.quant.layers import (QuantConv1d, QuantConv2d, QuantizedWeight, Qu
 from compress.quant.packing import pack_indices, unpack_indices
 from compress.quant.registry import METHODS, QuantConfig, get_method, register_method
 
-__all__ = ["quantize", "plan_bits", "register_method", "get_method", "METHODS", "QuantConfig", "JLCMConfig", "KMeansConfig",
-           "RTNConfig", "NF4Config", "QuantizedWeight", "QuantLinear", "QuantConv1d", "QuantConv2d",
+__all__ = ["quantize", "plan_bits", "register_method", "get_method", "METHODS", "QuantConfig", "JLCMConfig",
+           "KMeansConfig", "RTNConfig", "NF4Config", "QuantizedWeight", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantMultiheadAttention", "attach_quantized", "detach_quantized", "quantized_modules", "pack_indices",
            "unpack_indices", "bits_per_weight", "storage_bits", "formula_bits", "materialize"]
 

@@ -134,12 +134,13 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     for i, site in enumerate(ordered):
         t0 = time.perf_counter()
         stats = None
+        if with_stats and config.sequential and i % config.window == 0:
+            # inputs of the next `window` layers from one pass of the model quantized so far
+            window = [s for s in ordered[i:i + config.window] if counts.get(s.name)]
+            stats_all = collect_stats(float_model, model if quantized_any else None, window, batches, counts,
+                                      config.max_samples, config.seed, {s.name: float_inputs.get(s) for s in window})
         if with_stats and counts.get(site.name):
-            if config.sequential:
-                stats = collect_stats(float_model, model if quantized_any else None, [site], batches, counts,
-                                      config.max_samples, config.seed, {site.name: float_inputs.get(site)}).get(site.name)
-            else:
-                stats = stats_all.pop(site.name)
+            stats = stats_all.pop(site.name, None)
         weight = site.weight.detach()
         bits = layer_bits[site.name]
         layout, buffers = spec.fn(weight, stats, bits, config)
@@ -178,6 +179,7 @@ def _first_samples(batches: list[Any], samples: int) -> list[Any]:
         if seen >= samples:
             break
         out.append(batch)
-        first = batch if torch.is_tensor(batch) else next((t for t in (batch if isinstance(batch, (list, tuple)) else batch.values()) if torch.is_tensor(t)), None)
+        parts = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+        first = next((t for t in parts if torch.is_tensor(t)), None)
         seen += first.shape[0] if first is not None and first.dim() else 1
     return out

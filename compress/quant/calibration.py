@@ -167,7 +167,8 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, count: int | None, generato
     """Input patches of a Conv1d/Conv2d at `count` random output positions (all when None): [g, n, C_in/g*k]."""
     if x.dim() == 3:  # conv1d: a 2-D conv of height 1
         x = x.unsqueeze(2)
-        kernel, stride, dilation = (1, *_pair(conv.kernel_size, 1)), (1, *_pair(conv.stride, 1)), (1, *_pair(conv.dilation, 1))
+        kernel, stride = (1, *_pair(conv.kernel_size, 1)), (1, *_pair(conv.stride, 1))
+        dilation = (1, *_pair(conv.dilation, 1))
         pad = conv.padding if isinstance(conv.padding, str) else (0, *_pair(conv.padding, 1))
     else:
         kernel, stride, dilation = _pair(conv.kernel_size, 2), _pair(conv.stride, 2), _pair(conv.dilation, 2)

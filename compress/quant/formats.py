@@ -50,6 +50,7 @@ NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0)
 DOUBLE_QUANT_BLOCK = 256  # bitsandbytes' block of the nested (8-bit) quantization of absmax
+Stored = tuple[dict[str, Any], dict[str, torch.Tensor]]  # (layout, tensors by name)
 
 
 def matrix_shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -153,7 +154,9 @@ def row_groups(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> torc
         out = torch.empty(rows, dtype=torch.long, device=device)
         out[buffers["order"].long()] = position_group
         return out
-    return torch.arange(rows, device=device) if groups == rows and rows > 1 else torch.zeros(rows, dtype=torch.long, device=device)
+    if groups == rows and rows > 1:
+        return torch.arange(rows, device=device)
+    return torch.zeros(rows, dtype=torch.long, device=device)
 
 
 @lru_cache(maxsize=None)
@@ -204,7 +207,7 @@ def decode(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> torch.Te
 def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torch.Tensor, groups: torch.Tensor,
                     num_groups: int, codebook: torch.Tensor | None = None, kind: str = "per-group",
                     scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    row_map: str = "group-ids", order: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                    row_map: str = "group-ids", order: torch.Tensor | None = None) -> Stored:
     """Layout and tensors of a codebook-quantized weight.
 
     indices: integer [R, C] < 2^bits; groups: int [R] in [0, num_groups); codebook: [G, 2^b] ("per-group")
@@ -241,7 +244,7 @@ def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torc
     return layout, buffers
 
 
-def encode_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def encode_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> Stored:
     """NF4 through bitsandbytes (`quantize_4bit`, on CPU whatever the weight's device), in our packing."""
     import bitsandbytes.functional as bnbf
 

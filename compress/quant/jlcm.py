@@ -364,7 +364,8 @@ class _JointLearner:
         slot = (self.row_group[:, None] * k + idx).reshape(-1)  # (group, entry) of every weight
         q = torch.stack([torch.zeros(groups * k, dtype=torch.float64, device=self.w.device)
                          .index_add_(0, slot, self.basis[e].reshape(-1).double()) for e in range(k)], dim=1)
-        b = torch.zeros(groups * k, dtype=torch.float64, device=self.w.device).index_add_(0, slot, self.target.reshape(-1).double())
+        b = torch.zeros(groups * k, dtype=torch.float64, device=self.w.device).index_add_(
+            0, slot, self.target.reshape(-1).double())
         return _solve_codebooks(q.view(groups, k, k), b.view(groups, k), tables)
 
 
@@ -445,7 +446,8 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
     idx = nearest_rows(w, row_tables)
     scales = unit if shared else None
     if stats is not None and config.calib_steps > 0:
-        idx, tables, learned_scales, _ = jlcm_learn(w, stats.damped(config.damp), idx, row_group, tables, unit, config, shared=shared)
+        idx, tables, learned_scales, _ = jlcm_learn(w, stats.damped(config.damp), idx, row_group, tables, unit, config,
+                                                    shared=shared)
         if shared:
             scales = learned_scales
     row_map = "none" if groups in (1, rows) and config.row_map == "group-ids" else config.row_map

@@ -126,7 +126,8 @@ def attach_quantized(module: nn.Module, layout: dict[str, Any], buffers: dict[st
     """Store `module.<attr>` as `layout` + `buffers` (zeros of the right shapes when None, for loading)."""
     dense = getattr(module, attr)
     if tuple(dense.shape) != tuple(layout["shape"]):
-        raise ValueError(f"{type(module).__name__}.{attr} has shape {tuple(dense.shape)}, the layout {tuple(layout['shape'])}")
+        raise ValueError(f"{type(module).__name__}.{attr} has shape {tuple(dense.shape)}, the layout "
+                         f"{tuple(layout['shape'])}")
     device, dtype = dense.device, dense.dtype
     buffers = empty_buffers(layout, device) if buffers is None else buffers
     del module._parameters[attr]

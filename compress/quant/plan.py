@@ -2,7 +2,8 @@
 
 Sensitivity: each layer alone is quantized (the method's data-free form: k-means per group for jlcm) at
 every allowed width, and the relative error it causes on the model's outputs over a few calibration
-inputs is measured (8 bits is taken as lossless, error 0, to save a forward pass per layer). Errors are taken as additive across layers. Allocation is greedy by benefit per bit:
+inputs is measured (8 bits is taken as lossless, error 0, to save a forward pass per layer). Errors are
+taken as additive across layers. Allocation is greedy by benefit per bit:
 every layer starts at the fewest bits; the upgrade (to any wider choice) with the largest error drop per
 stored bit is taken while it fits the budget. Costs are exact stored bits (indices, codebooks, scales,
 row maps), and the budget counts every other parameter of the model as stored.

@@ -36,6 +36,8 @@ class QuantConfig(Config):
                              "random) used for the layer's statistics")
     sequential: bool = Field(True, description="take each layer's inputs from the model quantized so far (errors "
                              "of earlier layers are seen and corrected); False: from the float model, in one pass")
+    window: int = Field(1, ge=1, description="sequential: layers whose inputs are caught in one pass of the model "
+                        "quantized so far (more: fewer passes, but a window's layers miss each other's errors)")
     cache_mb: int = Field(256, ge=0, description="sequential: memory for the float model's inputs of upcoming "
                           "layers, caught in one pass (more: fewer float passes)")
     seed: int = Field(0, description="seed of the position sampling")

@@ -12,7 +12,8 @@ def test_patches_match_unfold_for_every_conv_shape() -> None:
                  nn.Conv2d(6, 4, (3, 1), padding=(1, 0), groups=2), nn.Conv2d(6, 4, 3, padding="same"),
                  nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")):
         got = sample_patches(conv, x, None, gen)  # [g, n, C/g * kh * kw], positions in (batch, y, x) order
-        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode="reflect" if conv.padding_mode == "reflect" else "constant")
+        mode = "reflect" if conv.padding_mode == "reflect" else "constant"
+        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         want = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # [B, C*k, L]
         want = want.transpose(1, 2).reshape(-1, conv.groups, want.shape[1] // conv.groups).transpose(0, 1)
         assert torch.allclose(got, want), conv
@@ -35,7 +36,8 @@ def test_cached_float_inputs_give_the_same_statistics() -> None:
     cache = FloatInputs(model, sites, batches, counts, max_samples=50, seed=3, budget_bytes=1 << 12)
     for site in sites:
         direct = collect_stats(model, None, [site], batches, counts, 50, seed=3)[site.name]
-        cached = collect_stats(model, None, [site], batches, counts, 50, seed=3, float_inputs={site.name: cache.get(site)})[site.name]
+        cached = collect_stats(model, None, [site], batches, counts, 50, seed=3,
+                               float_inputs={site.name: cache.get(site)})[site.name]
         assert torch.allclose(direct.H, cached.H) and torch.allclose(direct.M, cached.M), site.name
         # 50 rows per layer: 17 sampled positions per batch for convs; the linear layer sees 4 rows a batch
         assert direct.samples == cached.samples == (12 if site.kind == "linear" else 51)

@@ -49,4 +49,5 @@ def test_large_input_is_close_to_optimal_and_few_values_fill_the_codebook() -> N
     assert abs(kmeans_sse(x, c) / x.numel() - 0.1175) < 0.01
     few = kmeans_1d(torch.tensor([1.0, 1.0, 2.0]), 4)
     assert few.numel() == 4 and torch.all(few[1:] > few[:-1]), few
-    assert torch.equal(assign_nearest(torch.tensor([1.0, 2.0]), few), torch.tensor([int((few == 1).nonzero()), int((few == 2).nonzero())]))
+    expected = torch.tensor([int((few == 1).nonzero()), int((few == 2).nonzero())])
+    assert torch.equal(assign_nearest(torch.tensor([1.0, 2.0]), few), expected)

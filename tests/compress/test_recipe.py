@@ -68,3 +68,20 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("name", ["digits-cls", "digits-yolo"])
+def test_shipped_recipes_validate(name: str) -> None:
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
+    assert recipe.stages[0].name == "finetune", "the baseline comes first"
+    assert [s.name for s in recipe.stages][1:] == ["sparse", "prune", "distill", "quantize", "export"]
+
+
+def test_sparse_and_prune_must_share_their_scope(tiny_recipe_path: Path) -> None:
+    data = _data(tiny_recipe_path)
+    data["stages"] = [{"sparse": {"epochs": 1, "ignore": ["head"]}}, {"prune": {"target": {"params": 0.5}}}]
+    with pytest.raises(RecipeError, match=r"stages\.0\.sparse\.ignore and stages\.1\.prune\.ignore differ"):
+        parse_recipe(data)
+    data["stages"] = [{"distill": {"epochs": 1}}]
+    with pytest.raises(RecipeError, match="no prune stage comes before it"):
+        parse_recipe(data)

@@ -59,16 +59,14 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], model_meta: dict[str, Any]) -> None:
-    """Atomically write `model` to `path` (safetensors + JSON metadata)."""
+def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename), readable by all (0644)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        metadata = {"compress.model_spec": json.dumps(model_spec, sort_keys=True),
-                    "compress.model_meta": json.dumps(model_meta, sort_keys=True)}
-        save_file(state_tensors(model), tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
@@ -76,6 +74,13 @@ def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], m
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], model_meta: dict[str, Any]) -> None:
+    """Atomically write `model` to `path` (safetensors + JSON metadata)."""
+    metadata = {"compress.model_spec": json.dumps(model_spec, sort_keys=True),
+                "compress.model_meta": json.dumps(model_meta, sort_keys=True)}
+    atomic_save_safetensors(path, state_tensors(model), metadata)
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

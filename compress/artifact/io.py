@@ -10,9 +10,7 @@ import base64
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -54,9 +52,7 @@ def library_versions() -> dict[str, str]:
 
 def write_artifact(path: str | Path, model: nn.Module, manifest: dict[str, Any]) -> int:
     """Atomically write `model`'s tensors and `manifest` (JSON-able; must hold "model") to `path`; returns its size."""
-    from safetensors.torch import save_file
-
-    from compress.checkpoint import state_tensors
+    from compress.checkpoint import atomic_save_safetensors, state_tensors
 
     path = Path(path)
     tensors = state_tensors(model)
@@ -67,18 +63,7 @@ def write_artifact(path: str | Path, model: nn.Module, manifest: dict[str, Any])
     packed = base64.b64encode(zlib.compress(manifest_json.encode(), 9)).decode("ascii")
     metadata = {"format": f"{FORMAT}/{FORMAT_VERSION}", "manifest": packed, "manifest_encoding": "zlib+base64",
                 "manifest_sha256": hashlib.sha256(manifest_json.encode()).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(path, tensors, metadata)
     return path.stat().st_size
 
 

@@ -159,7 +159,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
     Models built by `file:` builders need that same file again as `model_file`.
     """
     import compress.stages  # noqa: F401  (stages register the restorers of what they change)
-    from compress.checkpoint import RESTORERS
+    from compress.checkpoint import apply_restorers
     from compress.models import build_model
 
     tensors, manifest = read_artifact(path)
@@ -169,9 +169,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
         build = _rebuild_file_spec(Path(path), build, spec, model_file)
     try:
         model = build_model(build, num_classes=spec["num_classes"], **spec.get("options", {}))
-        for key, value in (manifest.get("model_meta") or {}).items():
-            if key in RESTORERS:
-                model = RESTORERS[key](model, value)
+        model = apply_restorers(model, manifest.get("model_meta") or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: the manifest does not describe a buildable model ({exc})") from None
     state = model.state_dict()

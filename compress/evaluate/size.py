@@ -36,9 +36,24 @@ def storage_bytes(model: nn.Module, buffers: bool = True) -> int:
     return total
 
 
+def _count_compact_like_base(model: nn.Module) -> None:
+    """torch-pruning's counter looks hooks up by exact type: give each compact layer class in `model` (a
+    quantized layer: a subclass of its stock class with `_quant_base`) the hook of its stock class, right
+    before counting, so MACs never depend on when the class was made or registered. Those hooks read the
+    module's size attributes and output shape only, never its (decoded) weight."""
+    mapping = tp.utils.op_counter.MODULES_MAPPING
+    for module in model.modules():
+        cls = type(module)
+        base = getattr(cls, "_quant_base", None)
+        if base is not None and cls not in mapping and base in mapping:
+            mapping[cls] = mapping[base]
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_input: Any) -> int:
-    """Multiply-accumulates of one forward pass on `example_input` (torch-pruning's counter)."""
+    """Multiply-accumulates of one forward pass on `example_input` (torch-pruning's counter); a quantized
+    layer counts like its stock layer of the same shape."""
+    _count_compact_like_base(model)
     was_training = model.training
     model.eval()
     try:

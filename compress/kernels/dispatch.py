@@ -6,6 +6,9 @@
   the environment has COMPRESS_FORCE_TRITON=1 (CPU tensors then run in triton's interpreter: TRITON_INTERPRET=1
   must be set before the first Triton call; for tests); torch otherwise;
 - "triton" / "torch": that one (torch = `torch_dequant.dequantize_torch`, table-driven, + F.linear).
+A call's `backend="auto"` defers to the process-wide setting: `set_backend(name)` / `with kernel_backend(name):`,
+else the environment variable COMPRESS_KERNELS=auto|torch|triton, else "auto" as above (`configured_backend`).
+The quantized layers (`compress.quant.layers`) follow the same setting.
 Triton is imported here only inside the Triton path, so `import compress.kernels` never imports it.
 
 `codebook_kernel_args(layout, buffers)` turns a `compress.quant.formats` "codebook" layout and its tensors into
@@ -13,8 +16,10 @@ these arguments (scale and offset folded into fp32 codebooks, the row map into a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from types import ModuleType
 from typing import Any, Literal
@@ -25,18 +30,58 @@ import torch.nn.functional as F
 from compress.kernels.reference import check_quantized
 from compress.kernels.torch_dequant import dequantize_torch
 
-__all__ = ["dequantize", "quantized_linear", "codebook_kernel_args", "use_triton", "FORCE_TRITON_ENV",
+__all__ = ["dequantize", "quantized_linear", "fused_linear", "fused_applies", "codebook_kernel_args", "use_triton",
+           "set_backend", "configured_backend", "kernel_backend", "BACKENDS", "FORCE_TRITON_ENV", "KERNELS_ENV",
            "MAX_FUSED_BATCH"]
 
 Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
 FORCE_TRITON_ENV = "COMPRESS_FORCE_TRITON"
+KERNELS_ENV = "COMPRESS_KERNELS"
 MAX_FUSED_BATCH = 16  # rows of x the fused kernel takes; more: dequantize once, then F.linear
+
+_BACKEND: Backend | None = None  # set_backend(); None: the environment decides
+
+
+def set_backend(backend: Backend | None) -> None:
+    """Process-wide backend of calls that pass backend="auto" (and of the quantized layers); None: back to the
+    environment (COMPRESS_KERNELS, default "auto")."""
+    global _BACKEND
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    _BACKEND = backend
+
+
+def configured_backend() -> Backend:
+    """The process-wide backend: `set_backend`'s, else $COMPRESS_KERNELS, else "auto"."""
+    if _BACKEND is not None:
+        return _BACKEND
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r} is not a kernel backend "
+                         f"(known: {', '.join(BACKENDS)})")
+    return value  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def kernel_backend(backend: Backend | None) -> Iterator[None]:
+    """`set_backend(backend)` inside the block, the previous setting after it (not thread-local)."""
+    global _BACKEND
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    previous, _BACKEND = _BACKEND, backend
+    try:
+        yield
+    finally:
+        _BACKEND = previous
 
 
 def use_triton(device: torch.device | str, backend: Backend = "auto") -> bool:
     """Whether tensors on `device` go through the Triton kernels (see the module docstring)."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend '{backend}' (known: auto, torch, triton)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    if backend == "auto":
+        backend = configured_backend()
     if backend != "auto":
         return backend == "triton"
     if os.environ.get(FORCE_TRITON_ENV, "0") not in ("", "0"):
@@ -81,8 +126,9 @@ def quantized_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Ten
     """F.linear(x, W, bias): x [..., cols] -> [..., rows] in x's dtype.
 
     Triton: up to MAX_FUSED_BATCH rows of x (and no gradient wanted for x) go through the fused kernel, which
-    never materialises W; otherwise W is dequantized (Triton) and F.linear runs. Torch: dequantize_torch +
-    F.linear (on CPU, cache the dense weight instead of calling this every step).
+    never materialises W (a bias that wants a gradient is added after it); otherwise W is dequantized (Triton)
+    and F.linear runs. Torch: dequantize_torch + F.linear (on CPU, cache the dense weight instead of calling
+    this every step).
     """
     rows = check_quantized(packed, codebooks, bits, cols, groups, group_size, row_order)
     if x.shape[-1] != cols:
@@ -91,16 +137,41 @@ def quantized_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Ten
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)
     if use_triton(x.device, backend):
-        fused = x2.shape[0] <= MAX_FUSED_BATCH and not (torch.is_grad_enabled() and x.requires_grad)
-        if fused:
-            y = _kernels("triton_gemv", x.device).quantized_linear_triton(
-                x2, packed, codebooks, bits, cols, bias=bias, **quant)
+        if fused_applies(x):
+            y = fused_linear(x2, packed, codebooks, bits, cols, bias=bias, **quant)
         else:
             w = _kernels("triton_dequant", x.device).dequantize_triton(packed, codebooks, bits, cols,
                                                                          dtype=x.dtype, **quant)
             y = F.linear(x2, w, bias)
     else:
         y = F.linear(x2, dequantize_torch(packed, codebooks, bits, cols, dtype=x.dtype, **quant), bias)
+    return y.reshape(*lead, rows)
+
+
+def fused_applies(x: torch.Tensor, max_batch: int = MAX_FUSED_BATCH) -> bool:
+    """Whether `quantized_linear` on the Triton path takes the fused kernel for x [..., cols]: at most
+    `max_batch` (<= MAX_FUSED_BATCH) rows, at least one, and no gradient wanted for x (the kernel has no
+    backward)."""
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return 0 < tokens <= min(max_batch, MAX_FUSED_BATCH) and x.shape[-1] > 0 and \
+        not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def fused_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor, bits: int, cols: int, *,
+                 groups: torch.Tensor | None = None, group_size: int | None = None,
+                 row_order: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused Triton kernel, always: x [..., cols] with at most MAX_FUSED_BATCH rows -> [..., rows] in x's
+    dtype; W is decoded tile by tile in registers, never stored. No gradient flows to x; a bias that wants one
+    is added outside the kernel."""
+    rows = check_quantized(packed, codebooks, bits, cols, groups, group_size, row_order)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    grad_bias = bias is not None and torch.is_grad_enabled() and bias.requires_grad
+    y = _kernels("triton_gemv", x.device).quantized_linear_triton(
+        x2, packed, codebooks, bits, cols, groups=groups, group_size=group_size, row_order=row_order,
+        bias=None if grad_bias else bias)
+    if grad_bias:
+        y = y + bias
     return y.reshape(*lead, rows)
 
 

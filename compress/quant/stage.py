@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from pydantic import Field, ValidationError, model_serializer, model_validator
 
-from compress.checkpoint import atomic_write_json, register_restorer
+from compress.checkpoint import RESTORE_WEIGHT_FORM, atomic_write_json, register_restorer
 from compress.errors import UserError, unknown_choice
 from compress.quant.api import PLAN_FORMAT, quantize
 from compress.quant.layers import attach_quantized
@@ -99,7 +99,7 @@ def _count_sites(model: nn.Module, config: QuantizeStageConfig) -> int:
     return len(find_sites(model, config.options.get("ignore", [])))
 
 
-@register_restorer(META_KEY)
+@register_restorer(META_KEY, priority=RESTORE_WEIGHT_FORM)
 def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     """Give the listed layers of a stock (or pruned) model the quantized form, with empty stored tensors of the
     right shapes, so that `load_state_dict` fills them."""

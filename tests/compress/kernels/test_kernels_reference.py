@@ -164,3 +164,69 @@ def test_codebook_kernel_args_decode_like_formats(name: str, spec: dict, bits: i
 def test_codebook_kernel_args_refuses_nf4() -> None:
     with pytest.raises(ValueError, match="no kernel for the 'nf4' format"):
         codebook_kernel_args({"format": "nf4", "shape": [2, 64], "blocksize": 64, "double_quant": False}, {})
+
+
+@pytest.fixture
+def clean_backend(monkeypatch: pytest.MonkeyPatch):
+    from compress.kernels import dispatch
+
+    monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(dispatch.FORCE_TRITON_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_BACKEND", None)
+    monkeypatch.setattr(dispatch, "_triton_installed", lambda: True)  # as on a CUDA box
+    return dispatch
+
+
+def test_backend_setting_precedence(clean_backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    dispatch = clean_backend
+    assert dispatch.configured_backend() == "auto"
+    assert dispatch.use_triton("cuda") and not dispatch.use_triton("cpu"), "auto: Triton on CUDA tensors only"
+    monkeypatch.setenv(dispatch.FORCE_TRITON_ENV, "1")
+    assert dispatch.use_triton("cpu"), "COMPRESS_FORCE_TRITON=1 still forces auto to Triton"
+    monkeypatch.setenv(dispatch.KERNELS_ENV, " Torch ")
+    assert dispatch.configured_backend() == "torch" and not dispatch.use_triton("cuda")
+    monkeypatch.setenv(dispatch.KERNELS_ENV, "triton")
+    assert dispatch.use_triton("cpu")
+    with dispatch.kernel_backend("torch"):  # the process-wide setting beats the environment
+        assert dispatch.configured_backend() == "torch" and not dispatch.use_triton("cuda")
+        assert dispatch.use_triton("cpu", backend="triton"), "a call's explicit backend beats both"
+        with dispatch.kernel_backend(None):
+            assert dispatch.configured_backend() == "triton"
+    assert dispatch.configured_backend() == "triton"
+    dispatch.set_backend("auto")
+    assert dispatch.configured_backend() == "auto"
+    dispatch.set_backend(None)
+    assert dispatch.configured_backend() == "triton"
+
+
+def test_bad_backend_settings_say_what_is_wrong(clean_backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    dispatch = clean_backend
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        dispatch.set_backend("gpu")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with dispatch.kernel_backend("gpu"):
+            pass
+    monkeypatch.setenv(dispatch.KERNELS_ENV, "cuda")
+    with pytest.raises(ValueError, match="COMPRESS_KERNELS='cuda' is not a kernel backend.*auto, torch, triton"):
+        dispatch.use_triton("cpu")
+
+
+def test_torch_setting_is_honoured_by_the_calls(clean_backend, quantized, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend torch set process-wide wins over COMPRESS_FORCE_TRITON; "triton" sends CPU tensors to the kernels."""
+    dispatch = clean_backend
+    monkeypatch.setenv(dispatch.FORCE_TRITON_ENV, "1")
+    asked: list[str] = []
+
+    def no_triton(name: str, device: torch.device) -> None:
+        asked.append(name)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dispatch, "_kernels", no_triton)
+    args, _ = quantized(4, 8, 2)
+    with dispatch.kernel_backend("torch"):
+        assert torch.equal(dequantize(**args), dequantize_ref(**args))
+        assert quantized_linear(torch.randn(1, 8), **args).shape == (1, 4)
+    assert asked == []
+    with dispatch.kernel_backend("triton"), pytest.raises(RuntimeError, match="stop"):
+        quantized_linear(torch.randn(1, 8), **args)
+    assert asked == ["triton_gemv"]

@@ -152,3 +152,21 @@ def test_dispatch_forced_to_triton_on_cpu(quantized, monkeypatch: pytest.MonkeyP
     assert torch.allclose(y, x @ w.float().T, atol=1e-3)
     monkeypatch.delenv(dispatch.FORCE_TRITON_ENV)
     assert not dispatch.use_triton("cpu")
+
+
+def test_fused_path_adds_a_bias_that_wants_a_gradient_outside_the_kernel(quantized, tolerance) -> None:
+    args, _ = quantized(6, 16, 3, "tensor", row_order=True, seed=11)
+    w = dequantize_ref(**args, dtype=torch.float32)
+    bias = torch.randn(6, requires_grad=True)
+    x = torch.randn(2, 4, 16)
+    assert dispatch.fused_applies(x) and not dispatch.fused_applies(torch.randn(17, 16))
+    assert not dispatch.fused_applies(torch.randn(0, 16)) and dispatch.fused_applies(x, max_batch=8)
+    assert not dispatch.fused_applies(x, max_batch=7)
+    y = quantized_linear(x, **args, bias=bias, backend="triton")  # fused (x wants no gradient)
+    assert y.shape == (2, 4, 6) and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(bias.grad, torch.full((6,), 8.0))
+    want = x @ w.T + bias.detach()
+    assert ((y.detach() - want).abs() <= tolerance(x.reshape(-1, 16), w, bias.detach()).reshape(2, 4, 6)).all()
+    with torch.no_grad():  # no gradient wanted at all: the bias goes into the kernel
+        assert torch.allclose(dispatch.fused_linear(x, **args, bias=bias), y.detach(), atol=1e-5)

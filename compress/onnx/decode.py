@@ -1,0 +1,163 @@
+"""A traceable twin of `compress.quant.formats.decode`: what the ONNX graph computes from the stored tensors.
+
+`decode` in formats.py is written for eager PyTorch; this version computes exactly the same float32 weight
+(the tests check bit equality) but only with operations that the TorchScript ONNX exporter turns into a
+few integer/float nodes and without any constant that grows with the weight:
+
+- unpacking a bit plane of width w: the uint8 bytes [r, n] are unsqueezed to [r, n, 1], shifted right by
+  the 8/w constants (0, w, 2w, ...) and masked with 2^w - 1, then flattened to [r, n * 8/w] and cut to the
+  columns (opset >= 18: BitShift + BitwiseAnd on uint8; older opsets: the same with integer Div and Mod on
+  int32); the planes of a 3/5/6/7-bit index are cast to int64, multiplied by 2^shift and added;
+- the row -> group map ("group-ids" or "order") is stored as the group of every row, one byte per row
+  (see `graph_tensors`), and gathers the row's codebook, scale and offset;
+- codebook values come from Gather / GatherElements into the fp16 codebooks (cast to float32), then the
+  per-group scale and offset; NF4 uses its 16-entry table and per-block absmax (8-bit dynamic map and
+  nested scales when double-quantized).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compress.quant.formats import DOUBLE_QUANT_BLOCK, NF4_TABLE, _dynamic_map, matrix_shape
+from compress.quant.packing import bit_planes
+
+__all__ = ["BITOPS_MIN_OPSET", "decode_traceable", "graph_tensors", "unpack_traceable"]
+
+BITOPS_MIN_OPSET = 18  # BitwiseAnd / BitwiseOr appear in opset 18; BitShift (uint8) in opset 11
+
+
+def _unpack_plane(packed: torch.Tensor, rows: int, nbytes: int, width: int, cols: int, bitops: bool) -> torch.Tensor:
+    """uint8 [rows, nbytes] -> [rows, cols] (uint8 with bit ops, int32 without) of the `width`-bit values.
+
+    Every size is a Python int from the layout (never `tensor.shape`), so the traced graph holds constant
+    shapes instead of Shape/Gather/Unsqueeze/Concat chains.
+    """
+    per = 8 // width
+    mask = (1 << width) - 1
+    if bitops:
+        shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+        values = (packed.unsqueeze(-1) >> shifts) & mask
+    else:
+        divisors = torch.tensor([1 << (k * width) for k in range(per)], dtype=torch.int32, device=packed.device)
+        values = torch.fmod(torch.div(packed.to(torch.int32).unsqueeze(-1), divisors, rounding_mode="trunc"),
+                            mask + 1)
+    values = values.reshape(rows, nbytes * per)
+    return values if nbytes * per == cols else values[:, :cols]
+
+
+def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bitops: bool) -> torch.Tensor:
+    """Inverse of `compress.quant.packing.pack_indices`: uint8 [rows, packed_cols] -> int64 [rows, cols]."""
+    planes = bit_planes(bits)
+    if planes == [8]:
+        return packed.to(torch.int64)
+    out: torch.Tensor | None = None
+    start = shift = 0
+    for width in planes:
+        nbytes = -(-cols // (8 // width))
+        part = packed if len(planes) == 1 else packed[:, start:start + nbytes]
+        part = _unpack_plane(part, rows, nbytes, width, cols, bitops).to(torch.int64)
+        # the planes hold disjoint bits, so adding the shifted plane is or-ing it in (the TorchScript
+        # exporter has no BitwiseOr for integers, and onnxruntime adds no uint8)
+        out = part if out is None else out + part * (1 << shift)
+        start += nbytes
+        shift += width
+    assert out is not None
+    return out
+
+
+def _unpack_matrix(packed: torch.Tensor, bits: int, rows: int, cols: int, packing: str, bitops: bool) -> torch.Tensor:
+    if packing == "rows":
+        return unpack_traceable(packed, bits, rows, cols, bitops)
+    return unpack_traceable(packed, bits, 1, rows * cols, bitops).reshape(rows, cols)
+
+
+def _group_dtype(groups: int) -> torch.dtype:
+    return torch.uint8 if groups <= 256 else torch.int16 if groups <= 32767 else torch.int32
+
+
+def graph_tensors(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the graph stores for a layer: its stored tensors, except that a row -> group map
+    ("group-ids" or "order") becomes `row_group`, the group of every row (uint8 [R] for <= 256 groups).
+
+    One byte per row costs a few hundred bytes more than the packed ids (or less than the int16 order) for
+    typical layers, while unpacking the ids in the graph takes ~15 nodes (~700 bytes of graph) per layer;
+    the indices and codebooks, which are most of the weight, stay packed.
+    """
+    if layout.get("format") != "codebook" or layout.get("row_map") not in ("group-ids", "order"):
+        return dict(buffers)
+    from compress.quant.formats import row_groups
+
+    out = {k: v for k, v in buffers.items() if k not in ("group_ids", "order")}
+    out["row_group"] = row_groups(layout, buffers).to(_group_dtype(layout["groups"]))
+    return out
+
+
+def _per_group(values: torch.Tensor, g: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """[G] per-group values -> a [R, 1] (or [1, 1]) column to broadcast over the rows."""
+    values = values.to(torch.float32)
+    if g is not None:
+        values = values[g]
+    elif groups == 1:
+        values = values[:1]
+    return values.unsqueeze(1)
+
+
+def _decode_nf4(layout: dict[str, Any], buffers: dict[str, torch.Tensor], rows: int, cols: int,
+                bitops: bool) -> torch.Tensor:
+    packed = buffers["packed"]
+    idx = _unpack_matrix(packed, 4, rows, cols, layout["packing"], bitops).reshape(-1)
+    absmax = buffers["absmax"]
+    blocksize = layout["blocksize"]
+    nblocks = -(-rows * cols // blocksize)
+    if layout["double_quant"]:
+        code = torch.tensor(_dynamic_map(), dtype=torch.float32, device=packed.device)
+        nested = buffers["absmax_scale"].to(torch.float32)
+        # absmax_scale[block // 256] for every block, without an index constant of nblocks int64s
+        nested = nested.unsqueeze(1).expand(-(-nblocks // DOUBLE_QUANT_BLOCK), DOUBLE_QUANT_BLOCK).reshape(-1)[:nblocks]
+        absmax = code[absmax.to(torch.int64)] * nested + buffers["absmax_offset"].to(torch.float32)
+    table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=packed.device)
+    w = table[idx]
+    pad = nblocks * blocksize - rows * cols
+    if pad:
+        w = F.pad(w, (0, pad))
+    w = (w.reshape(nblocks, blocksize) * absmax.to(torch.float32).unsqueeze(1)).reshape(-1)
+    if pad:
+        w = w[: rows * cols]
+    return w.reshape(layout["shape"])
+
+
+def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], bitops: bool = True) -> torch.Tensor:
+    """The dense float32 weight [shape] (equal to `formats.decode`) from `graph_tensors(layout, stored)`,
+    built from traceable ops only."""
+    rows, cols = matrix_shape(layout["shape"])
+    if layout["format"] == "nf4":
+        return _decode_nf4(layout, buffers, rows, cols, bitops)
+    if layout["format"] != "codebook":
+        raise ValueError(f"unknown quantized format {layout['format']!r}")
+    bits, groups, kind = layout["bits"], layout["groups"], layout["codebook"]
+    idx = _unpack_matrix(buffers["packed"], bits, rows, cols, layout["packing"], bitops)
+    # group of every row (int64 [R]); None when row r is in group r or when there is a single group
+    if layout["row_map"] in ("group-ids", "order") and "row_group" not in buffers:
+        raise ValueError(f"row_map {layout['row_map']!r} needs 'row_group': pass graph_tensors(layout, stored)")
+    g = buffers["row_group"].to(torch.int64) if "row_group" in buffers else None
+    if kind == "grid":
+        w = idx.to(torch.float32)
+    elif kind == "shared":
+        w = buffers["codebook"].to(torch.float32)[0][idx]
+    elif kind == "per-group":
+        table = buffers["codebook"].to(torch.float32)
+        if g is not None:
+            table = table[g]
+        elif groups == 1:
+            table = table.expand(rows, 1 << bits)
+        w = torch.gather(table, 1, idx)
+    else:
+        raise ValueError(f"unknown codebook kind {kind!r}")
+    if layout["scale"]:
+        w = w * _per_group(buffers["scale"], g, groups)
+    if layout["offset"]:
+        w = w + _per_group(buffers["offset"], g, groups)
+    return w.reshape(layout["shape"])

@@ -1,0 +1,393 @@
+"""`export_onnx`: an artifact as one ONNX file that keeps the compressed weights compressed.
+
+Each quantized layer's stored tensors (packed uint8 indices, fp16 codebooks, scales, offsets, NF4 absmax;
+a row -> group map as one byte per row, see `compress.onnx.decode.graph_tensors`) are initializers of the
+graph, and the graph decodes them into the dense weight in front of the layer's Conv / Gemm / MatMul:
+BitShift + BitwiseAnd (or integer Div + Mod below opset 18) unpack the indices, Gather / GatherElements
+read the codebooks. The file is about the size of the artifact rather than of the dense model. A runtime
+that constant-folds (onnxruntime does, at session creation) decodes the weights once when it loads the
+model, so inference then costs what a dense export costs. `dense=True` writes the plain dense model.
+
+How the graph is made: the TorchScript exporter, `torch.onnx.export(..., dynamo=False)`, traces a wrapper
+whose forward takes the image AND the stored tensors as arguments; the quantized layers' weight property is
+swapped for `decode_traceable`, fed from those arguments. As graph inputs the stored tensors are not
+constants, so the exporter's constant folding (on: it folds the shape arithmetic around the decoder) cannot
+fold the decoding into dense weights; afterwards the inputs become initializers holding the stored values,
+small constants are shared, and value names are shortened (`_compact`): for a small model the graph's
+bookkeeping would otherwise weigh as much as its weights.
+Why not the dynamo exporter (torch 2.14's default): it needs onnxscript, which compress does not depend on,
+and it runs onnxscript's optimizer, whose constant folding may fold initializer-only subgraphs (small
+layers' whole decoders) back into dense constants. The TorchScript exporter's limits: opsets up to 20,
+files below 2 GB (one protobuf, no external data).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.onnx.decode import BITOPS_MIN_OPSET, decode_traceable, graph_tensors
+
+__all__ = ["OnnxExportError", "export_onnx", "export_module", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET"]
+
+DEFAULT_OPSET = 18  # the first opset with BitwiseAnd/BitwiseOr; read by onnxruntime >= 1.14
+MIN_OPSET = 13  # the oldest opset the tests run (integer Div/Mod decoding; Unsqueeze/Slice with tensor inputs)
+MAX_OPSET = 20  # the TorchScript exporter's newest opset (torch.onnx._constants)
+INPUT_NAME = "images"
+
+
+class OnnxExportError(UserError):
+    """The artifact cannot be written as ONNX (onnx missing, an unsupported layer or model, a bad option)."""
+
+
+def _require_onnx() -> Any:
+    try:
+        onnx = importlib.import_module("onnx")
+        importlib.import_module("onnx.numpy_helper")
+        return onnx
+    except ImportError:
+        raise OnnxExportError("ONNX export needs the 'onnx' package: pip install 'compress[onnx]' "
+                              "(or pip install onnx onnxruntime)") from None
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """The manifest from the header alone (compress.load has validated the whole file before)."""
+    from compress.artifact.io import _decode_manifest
+
+    with path.open("rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    return json.loads(_decode_manifest(path, header["__metadata__"]))
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    if layout.get("format") == "nf4":
+        return f"nf4 blocksize={layout.get('blocksize')}"
+    return (f"{layout.get('format')} {layout.get('bits')}-bit {layout.get('codebook')} G={layout.get('groups')} "
+            f"{layout.get('packing')} row_map={layout.get('row_map')}")
+
+
+def _onnx_class(cls: type) -> type:
+    """`cls` (a quantized layer class) whose weight property runs the traceable decoder, uncached, on the
+    stored tensors the export wrapper hands it (graph inputs while tracing)."""
+    attr = cls._quant_attr
+
+    def weight(self: nn.Module) -> torch.Tensor:
+        tensors = self.__dict__.get("_onnx_stored") or graph_tensors(self.quant_layout, self.quant_buffers())
+        dense = decode_traceable(self.quant_layout, tensors, self._onnx_bitops)
+        return dense if self._dense_dtype == torch.float32 else dense.to(self._dense_dtype)
+
+    return type(f"Onnx{cls.__name__}", (cls,), {attr: property(weight), "__module__": __name__})
+
+
+def _prepare_quantized(model: nn.Module, path: str | Path, bitops: bool) -> dict[str, nn.Module]:
+    """Check every quantized layer's traceable decoding against `formats.decode`, then switch the layer to it."""
+    from compress.quant.formats import decode
+    from compress.quant.layers import quantized_modules
+
+    classes: dict[type, type] = {}
+    layers = quantized_modules(model)
+    for name, module in layers.items():
+        layout, buffers = module.quant_layout, module.quant_buffers()
+        try:
+            ours = decode_traceable(layout, graph_tensors(layout, buffers), bitops)
+            reference = decode(layout, buffers)
+        except Exception as exc:  # noqa: BLE001  (any failure here is "this layout cannot be exported")
+            raise OnnxExportError(f"{path}: layer {name!r} ({_describe(layout)}) cannot be exported to ONNX: "
+                                  f"{exc.__class__.__name__}: {exc}") from None
+        if ours.shape != reference.shape or not torch.equal(ours, reference):
+            raise OnnxExportError(f"{path}: layer {name!r} ({_describe(layout)}) cannot be exported to ONNX: "
+                                  "the graph's decoding does not reproduce the stored weight")
+        cls = type(module)
+        if cls not in classes:
+            classes[cls] = _onnx_class(cls)
+        module.__class__ = classes[cls]
+        module._onnx_bitops = bitops
+    return layers
+
+
+class _StoredAsInputs(nn.Module):
+    """The model, with the quantized layers' stored tensors passed as forward arguments.
+
+    Traced this way the stored tensors are graph inputs, not parameters, so the exporter's constant folding
+    (which folds everything computed from parameters) cannot fold the decoding into dense weights, while it
+    still folds the shape arithmetic around it; `_stored_to_initializers` then turns those inputs into
+    initializers holding the stored values.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        # (module, key, graph name, tensor): a plain list, not submodules; names follow the artifact's
+        self.slots = [(module, key, f"{name}.{module._quant_attr}_{key}", tensor)
+                      for name, module in layers.items()
+                      for key, tensor in graph_tensors(module.quant_layout, module.quant_buffers()).items()]
+
+    def stored(self) -> list[torch.Tensor]:
+        return [tensor for *_, tensor in self.slots]
+
+    def forward(self, images: torch.Tensor, *stored: torch.Tensor) -> Any:
+        for module, *_ in self.slots:
+            module._onnx_stored = {}
+        for (module, key, *_), tensor in zip(self.slots, stored):
+            module._onnx_stored[key] = tensor
+        try:
+            return self.model(images)
+        finally:
+            for module, *_ in self.slots:
+                module._onnx_stored = None
+
+
+def _output_names(outputs: Any, path: str | Path) -> list[str]:
+    if isinstance(outputs, torch.Tensor):
+        return ["output"]
+    if isinstance(outputs, (list, tuple)) and outputs and all(isinstance(t, torch.Tensor) for t in outputs):
+        return [f"output{i}" for i in range(len(outputs))]
+    raise OnnxExportError(f"{path}: the model returns {type(outputs).__name__}; ONNX export supports models that "
+                          "return a tensor or a list/tuple of tensors")
+
+
+@contextlib.contextmanager
+def _exporter_log_silenced() -> Iterator[None]:
+    """Discard what the TorchScript exporter writes to the process's stdout.
+
+    torch 2.14's `setup_onnx_logging` tests the function `_jit_is_onnx_log_enabled` instead of calling it,
+    so ONNX logging is always on during export, and a failing export prints the whole TorchScript graph
+    (hundreds of kB for a small detector) through C++ std::cout. The error itself is raised as usual.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (embedded interpreters): nothing to silence
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """nn.MultiheadAttention's inference fast path (`aten::_native_multi_head_attention`) has no ONNX
+    symbolic; with it off, the layer traces as the plain matmul/softmax ops."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _failure(artifact: str | Path, exc: Exception) -> str:
+    """One readable line for an exporter error (whose text can hold the whole graph: tens of MB), naming the
+    module whose op failed when the exporter says (its "scope: Type::name/Type::name/..." trace)."""
+    text = str(exc)[:100_000]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first if len(first) <= 240 else first[:240] + " ..."
+    where = ""
+    scope = re.search(r"scope: (\S+)", text)
+    if scope:
+        names: list[str] = []
+        for part in scope.group(1).split("/"):
+            name = part.split("::", 1)[1] if "::" in part else ""
+            if not name:
+                continue
+            if names and name.startswith(names[-1] + "."):  # children of containers: "stage2" -> "stage2.0"
+                names[-1] = name
+            else:
+                names.append(name)
+        if names and names[0] == "model":  # the export wrapper's attribute
+            names = names[1:]
+        if names:
+            where = f" in module {'.'.join(names)!r}"
+    return f"{artifact}: ONNX export failed{where} ({exc.__class__.__name__}: {first})"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = digits[n % 36]
+    while n >= 36:
+        n //= 36
+        out = digits[n % 36] + out
+    return out
+
+
+def _stored_to_initializers(proto: Any, onnx: Any, wrapper: _StoredAsInputs) -> None:
+    """Graph inputs that carry stored tensors become initializers with the stored values."""
+    values = {name: tensor for _, _, name, tensor in wrapper.slots}
+    graph = proto.graph
+    inputs = [v for v in graph.input if v.name not in values]
+    for name, tensor in values.items():
+        if any(v.name == name for v in graph.input):
+            graph.initializer.append(onnx.numpy_helper.from_array(tensor.detach().cpu().numpy(), name))
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> None:
+    """Make the graph's bookkeeping small next to the weights it decodes.
+
+    The exporter names values and nodes after module paths and writes small constants (shapes, axes,
+    shifts, masks) as Constant nodes or as one initializer per use; in the decoding graph of a small model
+    that would weigh as much as the weights. Small constants become initializers, one per distinct value;
+    intermediate values get short names; node names and doc strings are dropped; the wrapper's `prefix` is
+    taken off the model's tensor names, so the initializers keep the artifact's tensor names.
+    """
+    graph = proto.graph
+    renamed: dict[str, str] = {}
+    constants: dict[tuple, str] = {}
+
+    def small_constant(tensor: Any) -> str:
+        array = onnx.numpy_helper.to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), array.tobytes())
+        if key not in constants:
+            constants[key] = f"_c{len(constants)}"
+            kept.append(onnx.numpy_helper.from_array(array, constants[key]))
+        return constants[key]
+
+    kept: list[Any] = []
+    for tensor in graph.initializer:
+        if tensor.name.startswith(prefix):
+            renamed[tensor.name] = tensor.name = tensor.name[len(prefix):]
+            kept.append(tensor)
+        elif "." not in tensor.name and len(tensor.raw_data or b"") <= 256 and math.prod(tensor.dims) <= 64:
+            renamed[tensor.name] = small_constant(tensor)  # exporter-made (folded) constant
+        else:
+            kept.append(tensor)
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in kept}
+    short = (name for name in map(_base36, itertools.count()) if name not in keep)
+    nodes = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value" \
+                and node.output[0] not in keep:
+            renamed[node.output[0]] = small_constant(node.attribute[0].t)
+            continue
+        node.doc_string = ""
+        node.name = ""
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[i] = next(short)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for info in graph.value_info:
+        if info.name in renamed:
+            info.name = renamed[info.name]
+    proto.doc_string = ""
+    graph.doc_string = ""
+
+
+def _check_opset(opset: int | None) -> int:
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OnnxExportError(f"ONNX opset {opset!r} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
+                              f"(default {DEFAULT_OPSET})")
+    return opset
+
+
+def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, opset: int | None = None,
+                  metadata: dict[str, str] | None = None, source: str | Path = "model") -> dict:
+    """Write `model` (eval mode; quantized layers are exported packed, dense ones dense) as the ONNX file `out`,
+    traced with the image batch `example` (its batch axis is dynamic). `source` names the model in errors.
+    Returns {"path", "bytes", "opset", "quantized_layers", "outputs"}.
+
+    Quantized layers are switched in place to the exporter's decoder: pass a model you can discard.
+    """
+    onnx = _require_onnx()
+    opset = _check_opset(opset)
+    out = Path(out)
+    layers = _prepare_quantized(model, source, bitops=opset >= BITOPS_MIN_OPSET)
+    wrapper = _StoredAsInputs(model, layers).eval()
+    args = (example, *wrapper.stored())
+    with torch.no_grad():
+        names = _output_names(wrapper(*args), source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _exporter_log_silenced(), _mha_fastpath_off():
+            warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+            torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME, *(name for _, _, name, _ in wrapper.slots)], output_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]},
+                              do_constant_folding=True, export_params=True)
+        proto = onnx.load(str(tmp))
+        _stored_to_initializers(proto, onnx, wrapper)
+        _compact(proto, onnx)
+        for key, value in (metadata or {}).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    except Exception as exc:  # noqa: BLE001  (the exporter raises many types; the user needs the message)
+        raise OnnxExportError(_failure(source, exc)) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"path": str(out), "bytes": out.stat().st_size, "opset": opset, "quantized_layers": len(layers),
+            "outputs": names}
+
+
+def export_onnx(artifact: str | Path, out: str | Path, *, dense: bool = False, opset: int | None = None) -> dict:
+    """Write the model of `artifact` as the ONNX file `out`; returns a summary for the CLI.
+
+    The packed export keeps the quantized weights in their stored form and decodes them inside the graph
+    (see the module docstring); `dense=True` stores dense float weights. The graph has one input
+    "images" [batch, 3, S, S] (S = the artifact's image_size, batch dynamic) and outputs "output" (one tensor)
+    or "output0", "output1", ... (a list, e.g. the per-level maps of a detector).
+    Returns {"path", "bytes", "artifact_bytes", "ratio", "opset", "dense", "quantized_layers", "outputs"}.
+    """
+    _require_onnx()
+    import compress
+
+    artifact = Path(artifact)
+    opset = _check_opset(opset)
+    if Path(out).resolve() == artifact.resolve():
+        raise OnnxExportError(f"{artifact}: the ONNX output path is the artifact itself; choose another path")
+    model = compress.load(artifact, materialize=dense)
+    manifest = _manifest(artifact)
+    size = manifest.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise OnnxExportError(f"{artifact}: the artifact records no image_size; cannot choose the ONNX input shape")
+    if manifest.get("task") == "detection":
+        from compress.tasks.detection import is_tensor_protocol
+
+        if not is_tensor_protocol(model):
+            raise OnnxExportError(f"{artifact}: detector {type(model).__name__} takes a list of images; ONNX export "
+                                  "supports models that take one [B, 3, H, W] tensor")
+    spec = manifest.get("model") or {}
+    meta = {"compress_artifact": artifact.name, "compress_form": "dense" if dense else "packed",
+            "task": str(manifest.get("task", "")), "image_size": str(size),
+            "num_classes": str(spec.get("num_classes", "")), "build": str(spec.get("build", ""))}
+    strides = getattr(model, "strides", None)
+    if isinstance(strides, (list, tuple)):
+        meta["strides"] = ",".join(str(int(s)) for s in strides)
+    example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    info = export_module(model, example, out, opset=opset, metadata=meta, source=artifact)
+    artifact_bytes = artifact.stat().st_size
+    return {"path": info["path"], "bytes": info["bytes"], "artifact_bytes": artifact_bytes,
+            "ratio": round(info["bytes"] / artifact_bytes, 4), "opset": opset, "dense": dense,
+            "quantized_layers": info["quantized_layers"], "outputs": info["outputs"]}

@@ -44,6 +44,9 @@ class ScopeConfig(Config):
 class PruneConfig(ScopeConfig):
     """Group channel pruning: per-group |gamma| quantile thresholds, coupled-mask voting, physical removal."""
 
+    method: Literal["group", "uniform"] = Field(
+        "group", description="group: per-group |gamma| thresholds (ours); uniform: the baseline, torch-pruning's "
+                             "uniform magnitude pruning (same share of every unit, L2 weight norm; needs target)")
     ratios: dict[str, float] | None = Field(
         None, description="explicit p_g per group: {group or glob: share of its channels under the threshold}; "
                           "groups no key matches are not pruned")
@@ -81,6 +84,8 @@ class PruneConfig(ScopeConfig):
 
     @model_validator(mode="after")
     def _ratios_or_target(self) -> PruneConfig:
+        if self.method == "uniform" and self.target is None:
+            raise ValueError("method 'uniform' needs a target ({params: S} or {macs: S})")
         if (self.ratios is None) == (self.target is None):
             raise ValueError("give either ratios (explicit p_g per group) or target ({params: S} or {macs: S}), "
                              "not both or neither")

@@ -96,3 +96,35 @@ def test_sparse_stage_targets_the_prune_stages_bns(tmp_path: Path, tiny_recipe_p
     assert "sparse: L1 (dynamic, s=0.001) on" in log and "small_gamma[stride" in log, log
     assert "small_gamma" in ctx.stage_metrics
     assert isinstance(out, nn.Module)
+
+
+def _sparsify(schedule: str, steps: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train a conv-BN-head regressor whose target reads only channels 0-3 of 16, with the L1 hook under AdamW."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16, 1))
+    hook = SparseHook({"1": np.ones(16, dtype=bool)}, {"1": "g"}, schedule, rate=1e-2, protected_share=0.25)
+    hook.on_train_start(model, total_steps=steps)
+    opt = torch.optim.AdamW([{"params": model[1].weight, "weight_decay": 0.0},
+                             {"params": [p for n, p in model.named_parameters() if n != "1.weight"]}], lr=1e-2)
+    for step in range(steps):
+        x = torch.randn(64, 16, 1, 1)
+        loss = (model(x).squeeze(1) - x[:, :4].sum((1, 2, 3))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        hook.after_backward(model, step, 0)
+        opt.step()
+    return model[1].weight.detach().abs(), loss.detach()
+
+
+def test_l1_zeroes_the_channels_the_task_does_not_need():
+    gamma, loss = _sparsify("dynamic")
+    assert gamma[4:].median() < 1e-2, f"unneeded channels should be near zero, got {gamma[4:]}"
+    assert set(gamma.topk(4).indices.tolist()) == {0, 1, 2, 3}, f"the channels the target reads must survive: {gamma}"
+    assert gamma[:4].min() > 10 * gamma[4:].max()
+    assert loss < 0.2  # the target has variance 4: losing a needed channel costs about 1
+
+
+def test_dynamic_schedule_keeps_protected_channels_larger_than_constant():
+    dynamic, _ = _sparsify("dynamic")
+    constant, _ = _sparsify("constant")
+    assert dynamic[:4].sum() > constant[:4].sum()

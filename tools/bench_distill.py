@@ -1,0 +1,85 @@
+"""Benchmark of the recovery after pruning: plain fine-tuning vs output KD vs attention distillation vs both.
+
+    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/digits-yolo --seeds 0 1 --out runs/bench-distill
+    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/digits-cls --seeds 0 1 --out runs/bench-distill-cls
+
+RUN is a finished demo run (its recipe.yaml has a prune and a distill stage). From the checkpoint of the
+stage before its prune stage, every variant re-runs the same prune (deterministic: the same pruned model)
+and then trains with the run's distill settings (epochs, lr, batch, attention weights), changing only the
+loss: `finetune` (task loss), `output-kd` (+ output distillation, --kd-weight), `attention` (+ spatial
+attention maps, the run's weights) and `both`. Every step is a pipeline run into OUT/seed<k>/<variant>
+(resumable). The metric is the task's: mAP@0.5 on digits-detect val, top-1 on digits val.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.pipeline import run
+from compress.recipe import parse_recipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--kd-weight", type=float, default=1.0, help="output-distillation weight of output-kd and both")
+    ap.add_argument("--variants", nargs="+", default=["finetune", "output-kd", "attention", "both"])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
+    args = ap.parse_args()
+    started = time.time()
+
+    recipe = yaml.safe_load((args.run_dir / "recipe.yaml").read_text())
+    names = [next(iter(s)) for s in recipe["stages"]]
+    p, d = names.index("prune"), names.index("distill")
+    report = json.loads((args.run_dir / "report.json").read_text())
+    done = [s["name"] for s in report["stages"]]
+    source = args.run_dir / report["stages"][done.index("prune") - 1]["checkpoint"]  # the model the prune got
+    prune_cfg, distill_cfg = recipe["stages"][p]["prune"], recipe["stages"][d]["distill"]
+    train = {k: v for k, v in distill_cfg.items() if k not in ("teacher", "attention", "output_kd")}
+    attention = distill_cfg.get("attention", {})
+    off = {"weights": {"backbone": 0.0, "neck": 0.0, "coarsest": 0.0}}
+    variants: dict[str, dict[str, Any]] = {
+        "finetune": {"finetune": train},
+        "output-kd": {"distill": {**train, "attention": off, "output_kd": {"weight": args.kd_weight}}},
+        "attention": {"distill": {**train, "attention": attention}},
+        "both": {"distill": {**train, "attention": attention, "output_kd": {"weight": args.kd_weight}}},
+    }
+    metric = "map50" if recipe["task"] == "detection" else "top1"
+
+    results: dict[str, list[float]] = {v: [] for v in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
+            data = {**recipe, "name": f"distill-{variant}", "seed": seed,
+                    "model": {**recipe["model"], "checkpoint": str(source)},
+                    "stages": [{"prune": prune_cfg}, variants[variant]]}
+            out = args.out / f"seed{seed}" / variant
+            done = out / "report.json"
+            rep = json.loads(done.read_text()) if done.exists() else None
+            if rep is None or len(rep["stages"]) < 3:
+                rep = run(parse_recipe(data, source=variant), out, resume=out.exists())
+            results[variant].append(rep["stages"][-1]["metrics"][metric])
+            pruned = rep["stages"][1]["metrics"][metric]
+            print(f"seed {seed} {variant}: {metric} after prune {pruned:.4f}, after training {results[variant][-1]:.4f}",
+                  flush=True)
+
+    print(f"\n{recipe['model']['build']} on {recipe['data']['train']['source']}; pruned from {source} with {prune_cfg}; "
+          f"training {train}; attention weights {attention.get('weights', 'defaults')}; output-KD weight "
+          f"{args.kd_weight}; seeds {args.seeds}; torch {torch.__version__}, {platform.machine()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {time.time() - started:.0f} s\n")
+    print(f"| variant | {metric} (mean) | per seed |")
+    print("|---|---|---|")
+    for variant, values in results.items():
+        print(f"| {variant} | {sum(values) / len(values):.4f} | {' / '.join(f'{v:.4f}' for v in values)} |")
+
+
+if __name__ == "__main__":
+    main()

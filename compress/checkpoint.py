@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 Restorer = Callable[[nn.Module, Any], nn.Module]
 RESTORERS: dict[str, Restorer] = {}
@@ -82,15 +83,30 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with a canonical header (`__metadata__` first with sorted keys, then the tensors in data
+    order): safetensors writes the metadata from a Rust HashMap, in an order that changes from process to
+    process, so equal models gave different bytes."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    canonical = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+    canonical.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (temp file, fsync, rename), readable by all (0644)."""
+    """Write a safetensors file atomically (temp file, fsync, rename), readable by all (0644), byte-identical
+    for identical inputs (see `canonical_safetensors`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = canonical_safetensors(save(tensors, metadata=metadata))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as handle:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -11,7 +11,7 @@ From one trained yolo-n (the demo's finetune stage; trained here first when --ba
     group-constant (ablation) constant-rate sparse training -> group pruning
 
 Every method gets the same training budget before pruning (--pre-epochs at the same lr, with or without
-the L1 term), removes at least the same share of MACs (--macs), then the same plain fine-tune
+the L1 term), removes at least the same share of MACs and params (--macs, --params: the demo's target), then the same plain fine-tune
 (--finetune-epochs). Every step is a recipe run by the pipeline into OUT/<seed>/<step> (resumable: a
 finished step is not re-run). Prints one table, mAP@0.5 on digits-detect val, mean over seeds.
 """
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--baseline", help="trained yolo-n checkpoint (default: train one, 20 epochs at lr 8e-3)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--macs", type=float, default=0.35, help="share of MACs every method removes (at least)")
+    ap.add_argument("--params", type=float, default=0.6, help="share of params every method removes (at least; 0: no "
+                                                               "params target)")
     ap.add_argument("--pre-epochs", type=int, default=10)
     ap.add_argument("--pre-lr", type=float, default=1e-2)
     ap.add_argument("--rate", type=float, default=1e-2, help="L1 rate s of the sparse runs")
@@ -85,7 +87,7 @@ def main() -> None:
            "constant": {"sparse": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0,
                                    "sparsity": "constant", "sparsity_rate": args.rate}},
            "plain": {"finetune": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0}}}
-    target = {"macs": args.macs}
+    target = {"macs": args.macs, **({"params": args.params} if args.params else {})}
     methods = {"group": ("dynamic", {"prune": {"target": target}}),
                "slimming": ("constant", {"prune": {"target": target, "groups": {"all": ["*"]}}}),
                "uniform": ("plain", {"prune": {"target": target, "method": "uniform"}}),
@@ -112,7 +114,7 @@ def main() -> None:
             print(f"seed {seed} {method}: {rows[method][-1]}", flush=True)
 
     print(f"\nyolo-n on digits-detect (128 px), baseline {baseline}; seeds {args.seeds}; pre-training "
-          f"{args.pre_epochs} epochs lr {args.pre_lr} (L1 rate {args.rate}); MACs removed >= {args.macs}; fine-tune "
+          f"{args.pre_epochs} epochs lr {args.pre_lr} (L1 rate {args.rate}); removed at least {target}; fine-tune "
           f"{args.finetune_epochs} epochs lr {args.finetune_lr}; torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"{time.time() - started:.0f} s\n")

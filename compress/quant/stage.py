@@ -79,7 +79,7 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
         model = quantize(model, batches, method=config.method, progress=progress, **config.options)
     plan = model.quantization_plan
     summary = plan["summary"]
-    ctx.model_meta[META_KEY] = plan
+    ctx.model_meta[META_KEY] = without_timings(plan)  # the checkpoint and artifact must not depend on run time
     ctx.stage_metrics.update({"quant_bits_per_weight": summary["bits_per_weight"],
                               "quant_index_bits": summary["index_bits"],
                               "quant_model_bits_per_weight": summary["model_bits_per_weight"],
@@ -97,6 +97,12 @@ def _count_sites(model: nn.Module, config: QuantizeStageConfig) -> int:
     from compress.quant.calibration import find_sites
 
     return len(find_sites(model, config.options.get("ignore", [])))
+
+
+def without_timings(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan without its wall-clock `seconds` (kept in quantization_plan.json and the log)."""
+    return {**plan, "summary": {k: v for k, v in plan["summary"].items() if k != "seconds"},
+            "layers": [{k: v for k, v in entry.items() if k != "seconds"} for entry in plan["layers"]]}
 
 
 @register_restorer(META_KEY, priority=RESTORE_WEIGHT_FORM)

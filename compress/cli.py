@@ -1,27 +1,108 @@
-"""The `compress` command line: a thin layer over the Python API."""
+"""The `compress` command line: a thin layer over the Python API.
+
+Exit codes: 0 done, 2 bad input (a user error: recipe, path, option, data, checkpoint; one line on stderr),
+1 failure (anything else; one line, the traceback with --debug), 130 interrupted. `--quiet` silences
+progress bars and info lines; results (tables, metrics, written paths) are still printed.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+EXAMPLES = """Examples:
+
+  compress run recipes/digits-cls.yaml --out runs/digits-cls
+
+  compress shrink none --model timm:resnet18 --num-classes 10 --bits 3 --calib digits -o r18.safetensors
+
+  compress eval runs/digits-cls/model.safetensors --data digits:val
+
+  compress report runs/digits-cls
+
+  compress export runs/digits-cls/model.safetensors --onnx model.onnx
+
+  compress inspect compress:yolo-n --groups
+
+Exit codes: 0 done, 2 bad input, 1 failure. Add --debug (before the command) for tracebacks."""
 
 app = typer.Typer(
     name="compress",
     help="Recipe-driven compression of PyTorch detection and classification models.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 _debug = {"on": False}
+_quiet = {"on": False}
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info lines; results only")] = False,
+) -> None:
     _debug["on"] = debug or os.environ.get("COMPRESS_DEBUG") == "1"
+    _quiet["on"] = quiet
+
+
+def _is_quiet() -> bool:
+    return _quiet["on"]
+
+
+def _info(message: str) -> None:
+    """An info line (stdout), silenced by --quiet."""
+    if not _is_quiet():
+        print(message, flush=True)
+
+
+class _NoTTY(io.TextIOBase):
+    """stderr as seen by code that draws progress bars only on a terminal: passes text through, says no tty."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_output() -> Iterator[None]:
+    """Under --quiet: info printed to stdout is dropped and progress bars (drawn on a tty stderr) are off;
+    warnings and errors on stderr still show."""
+    if not _is_quiet():
+        yield
+        return
+    stderr = sys.stderr
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        sys.stderr = _NoTTY(stderr)
+        try:
+            yield
+        finally:
+            sys.stderr = stderr
+
+
+def _track(items: Iterable[Any], description: str, total: int | None = None) -> Iterable[Any]:
+    """A progress bar over `items` on an interactive terminal (not under --quiet); the items otherwise."""
+    if _is_quiet() or not sys.stderr.isatty():
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=total, transient=True)
 
 
 @app.command()
@@ -33,13 +114,19 @@ def run(
 ) -> None:
     """Run every stage of RECIPE into the run directory.
 
+    One line per epoch and per stage (log.txt keeps them), progress bars on a terminal, then a table of
+    every stage: metrics, parameters, MACs, size and bits per weight.
+
     Example: compress run recipes/digits-yolo.yaml --out runs/digits-yolo --set stages.0.finetune.epochs=3
+
+    Example: compress run recipes/digits-yolo.yaml --out runs/digits-yolo --resume
     """
     from compress.pipeline import run as run_pipeline
     from compress.recipe import load_recipe
 
     recipe_obj = load_recipe(recipe, set_ or [])
-    report = run_pipeline(recipe_obj, out, resume=resume)
+    with _quiet_output():
+        report = run_pipeline(recipe_obj, out, resume=resume)
     _print_summary(report, out)
 
 
@@ -67,6 +154,8 @@ def inspect(
     """Print the layers, parameters and MACs of a model, or its pruning groups.
 
     Example: compress inspect compress:yolo-n --image-size 128 --groups
+
+    Example: compress inspect timm:resnet18 --num-classes 10 --image-size 224
     """
     from rich.console import Console
     from rich.table import Table
@@ -134,33 +223,70 @@ def _load_any(spec: str, num_classes: int):
     return build_model(spec, num_classes=num_classes)
 
 
+def _one_line(text: str) -> str:
+    """The first non-empty line of a message (tracebacks and multi-line library messages stay out)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first + (" ..." if len(lines) > 1 else "")
+
+
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from the click that typer vendors (typer >= 0.20 raises its own copies)."""
+    import click.exceptions
+
+    found = [getattr(click.exceptions, name, None)]
+    try:
+        from typer._click import exceptions as vendored
+
+        found.append(getattr(vendored, name, None))
+    except ImportError:
+        pass
+    if name in ("Exit", "Abort"):
+        found.append(getattr(typer, name, None))
+    return tuple(c for c in found if isinstance(c, type))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; bugs exit 1."""
+    """Entry point: 0 done; user errors print one line and exit 2; failures print one line and exit 1
+    (the traceback too with --debug or COMPRESS_DEBUG=1); Ctrl-C exits 130."""
     from calib import DataError
     from compress.errors import UserError
 
+    _debug["on"] = os.environ.get("COMPRESS_DEBUG") == "1"
+    _quiet["on"] = False
+    usage, exits = _click_classes("UsageError"), _click_classes("Exit")
+    aborts, click_errors = _click_classes("Abort"), _click_classes("ClickException")
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except (UserError, DataError) as exc:
         if _debug["on"]:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (typer.Exit, SystemExit) as exc:
-        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
-    except Exception as exc:  # click usage errors come through here
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            exc.show()
+    except exits as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except usage as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `compress` alone: the help, as click shows it
+            print(exc.format_message(), file=sys.stderr)
             return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "compress"
+        print(f"error: {_one_line(exc.format_message())} (see '{where} --help')", file=sys.stderr)
+        return 2
+    except click_errors as exc:  # e.g. a file click could not open
+        print(f"error: {_one_line(exc.format_message())}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 1) or 1)
+    except (*aborts, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
         if _debug["on"]:
-            raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 @app.command(name="eval")
@@ -172,27 +298,54 @@ def eval_(
 ) -> None:
     """Evaluate an artifact on a data split, in a fresh process, without the recipe.
 
+    Images are prepared as the artifact's manifest says (resize / mean / std of `compress shrink`), else
+    passed as the data source gives them.
+
     Example: compress eval runs/digits-yolo/model.safetensors --data digits-detect:val --json
     """
     import json
 
     from calib import get_dataset
-    from compress.artifact import load, read_artifact
     from compress.errors import UserError
     from compress.tasks import get_task
 
     source, sep, split = data.rpartition(":")
     if not sep or not source:
         raise UserError(f"--data {data!r}: write SOURCE:SPLIT, e.g. digits-detect:val")
-    _, manifest = read_artifact(artifact)
-    model = load(artifact)
+    model, manifest = _load_for_eval(artifact)
     task = get_task(manifest["task"])
-    loader = task.loader(get_dataset(source, split), batch_size or manifest.get("eval_batch_size", 64), shuffle=False)
-    metrics = task.evaluate(model, loader)
+    dataset = get_dataset(source, split)
+    if manifest.get("preprocessing"):
+        from compress.shrink.data import Prepared
+        from compress.shrink.preprocess import Preprocessing
+
+        pre = Preprocessing.from_dict(manifest["preprocessing"])
+        dataset = Prepared(dataset, pre, task.name)
+        _info(f"preprocessing (from the artifact): {pre.describe()}")
+    loader = task.loader(dataset, batch_size or manifest.get("eval_batch_size", 64), shuffle=False)
+    metrics = task.evaluate(model, _track(loader, f"eval {source}:{split}", total=len(loader)))
     if json_:
         print(json.dumps(metrics))
     else:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _load_for_eval(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(model, manifest) of an artifact, or of a stage checkpoint of a run (task inferred from the model)."""
+    from compress.artifact import ArtifactError, load, read_artifact
+
+    try:
+        _, manifest = read_artifact(path)
+    except ArtifactError:
+        from compress.checkpoint import load_model, read_metadata
+
+        try:
+            read_metadata(path)
+        except Exception:  # neither an artifact nor a stage checkpoint: the artifact's message says why
+            raise ArtifactError(f"{path}: neither a compress artifact nor a stage checkpoint of a run") from None
+        model = load_model(path)[0].eval()
+        return model, {"task": "detection" if _is_detector(model) else "classification"}
+    return load(path), manifest
 
 
 @app.command()
@@ -203,4 +356,107 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory of `com
     """
     from compress.evaluate.report import write_report
 
-    print(write_report(run_dir))
+    with _quiet_output():
+        path = write_report(run_dir)
+    print(path)
+
+
+@app.command(epilog="Examples:\n\n"
+             "  compress shrink none --model timm:resnet18 --num-classes 10 --bits 3 --calib digits -o r18.safetensors\n\n"
+             "  compress shrink none --model torchvision:ssdlite320_mobilenet_v3_large --task detection "
+             "--num-classes 11 --bits 3 --calib digits-detect -o ssd.safetensors\n\n"
+             "  compress shrink model.pt --model compress:digits-cnn --num-classes 10 --prune 0.5 --bits 3 "
+             "--calib ./my_images -o small.safetensors")
+def shrink(
+    checkpoint: Annotated[str, typer.Argument(help="a .safetensors file or a torch.save'd state dict (read with "
+                                                   "weights_only=True); 'none': the builder's random init")],
+    model: Annotated[str, typer.Option("--model", "-m", help="builder spec: timm:NAME, torchvision:NAME, compress:NAME, "
+                                                             "file:path.py:fn")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the artifact to write (.safetensors)")],
+    num_classes: Annotated[int, typer.Option("--num-classes", help="classes of the checkpoint's head (torchvision "
+                                                                   "detectors: + background)")],
+    task: Annotated[str, typer.Option("--task", help="classification or detection")] = "classification",
+    prune: Annotated[float, typer.Option("--prune", help="share of parameters to remove by channel pruning "
+                                                         "(|gamma| / magnitude importance); 0: no pruning")] = 0.0,
+    bits: Annotated[float, typer.Option("--bits", help="average bits per weight of the whole model (jlcm: mixed "
+                                                       "precision; rtn/kmeans: whole bits per layer)")] = 3.0,
+    method: Annotated[str, typer.Option("--method", help="quantization method: jlcm, rtn, kmeans, nf4")] = "jlcm",
+    calib: Annotated[str, typer.Option("--calib", help="calibration images: a data source (its calib split, or "
+                                                       "SOURCE:SPLIT) or a folder of images; labels not needed")] = "digits",
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="calibration images used")] = 64,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="square input side (default: what the "
+                                                                           "model expects)")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 "
+                                                               "(default: what the model expects)")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")] = None,
+    recover: Annotated[bool, typer.Option("--recover/--no-recover", help="after pruning: re-estimate BatchNorm "
+                                                                         "statistics and distill on the calibration images")] = True,
+    recover_steps: Annotated[int, typer.Option("--recover-steps", help="output-distillation steps after pruning")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="calibration batch size")] = 16,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Shrink a checkpoint in one command: prune, recover, quantize (JLCM), write one artifact.
+
+    Calibration images are prepared as the model expects (timm data config, torchvision ImageNet
+    normalisation, our own models take [0, 1] images); the output says which. Prints the size before and
+    after and the bits per weight, then checks that compress.load(OUT) gives the same outputs.
+    """
+    from compress.shrink import shrink as run_shrink
+
+    if recover_steps < 0:
+        from compress.errors import UserError
+
+        raise UserError(f"--recover-steps must be >= 0 (got {recover_steps})")
+    with _quiet_output():
+        result = run_shrink(checkpoint, model, out, num_classes, task=task, prune=prune, bits=bits, method=method,
+                            calib=calib, calib_samples=calib_samples, image_size=image_size, mean=mean, std=std,
+                            recover=recover, recover_steps=recover_steps, batch_size=batch_size, seed=seed,
+                            quiet=_is_quiet())
+    print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
+          f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
+          f"{result['bits_per_weight']:.2f} bits/weight, {result['params_after']:,} params, {result['seconds']:.0f} s")
+
+
+@app.command(epilog="Examples:\n\n"
+             "  compress export runs/digits-yolo/model.safetensors --onnx yolo.onnx\n\n"
+             "  compress export runs/digits-yolo/model.safetensors --onnx yolo-dense.onnx --dense")
+def export(
+    artifact: Annotated[Path, typer.Argument(help="a .safetensors artifact (compress run's export, compress shrink)")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="the ONNX file to write")],
+    dense: Annotated[bool, typer.Option("--dense", help="plain dense weights instead of packed indices + codebooks")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's)")] = None,
+) -> None:
+    """Export an artifact to ONNX for phones and edge runtimes.
+
+    The graph keeps the compressed form (packed indices and codebooks as initializers, unpacked inside
+    the graph) unless --dense asks for plain weights. Prints the file's size and its ratio to the artifact.
+    """
+    from compress.errors import UserError
+
+    if not artifact.is_file():
+        raise UserError(f"{artifact}: file not found")
+    try:
+        from compress.onnx import export_onnx
+    except ImportError as exc:
+        raise RuntimeError(f"ONNX export is not available in this install ({exc})") from exc
+    with _quiet_output():
+        result = export_onnx(artifact, onnx, dense=dense, **({"opset": opset} if opset is not None else {}))
+    print(_export_line(result if isinstance(result, dict) else {"path": str(result)}, onnx, dense))
+
+
+def _export_line(result: dict[str, Any], onnx: Path, dense: bool) -> str:
+    """`wrote m.onnx: 157,882 bytes, 1.22x the artifact (129,064 bytes), opset 18, 59 quantized layers packed`."""
+    parts = [f"wrote {result.get('path', onnx)}"]
+    details = []
+    if isinstance(result.get("bytes"), int):
+        details.append(f"{result['bytes']:,} bytes")
+    if isinstance(result.get("ratio"), (int, float)):
+        against = result.get("artifact_bytes")
+        details.append(f"{result['ratio']:.2f}x the artifact" + (f" ({against:,} bytes)" if isinstance(against, int) else ""))
+    if result.get("opset") is not None:
+        details.append(f"opset {result['opset']}")
+    if dense:
+        details.append("dense weights")
+    elif isinstance(result.get("quantized_layers"), int):
+        details.append(f"{result['quantized_layers']} quantized layers kept packed")
+    return parts[0] + (": " + ", ".join(details) if details else "")

@@ -42,3 +42,4 @@ from compress.distill import stage as _distill  # noqa: E402,F401
 from compress.artifact import stage as _export  # noqa: E402,F401
 from compress import prune as _prune, sparse as _sparse  # noqa: E402,F401
 from compress.quant import stage as _quantize  # noqa: E402,F401
+from compress.stages import recover as _recover  # noqa: E402,F401  (the label-free recovery stage of shrink)

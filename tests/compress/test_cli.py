@@ -34,3 +34,128 @@ def test_inspect_prints_params_and_macs(capsys: pytest.CaptureFixture) -> None:
 def test_help_shows_examples() -> None:
     done = subprocess.run([sys.executable, "-m", "compress", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "Example:" in done.stdout
+
+
+# ---- shrink, export, exit codes, --quiet (issue 7) ----------------------------------------------------------
+
+SHRINK_FAST = ["--model", "compress:digits-cnn", "--num-classes", "10", "--method", "rtn", "--bits", "4",
+               "--calib-samples", "8", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def state_dict_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from compress.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "model.pt"
+    torch.save(build_model("compress:digits-cnn", num_classes=10).state_dict(), path)
+    return path
+
+
+def test_shrink_writes_a_loadable_artifact(state_dict_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    import compress
+
+    out = tmp_path / "small.safetensors"
+    assert main(["shrink", str(state_dict_file), *SHRINK_FAST, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "preprocessing: compress: model" in printed and "before: 123,898 params" in printed
+    assert f"wrote {out}: {out.stat().st_size:,} bytes" in printed and "bits/weight" in printed
+    assert compress.load(out)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    assert main(["eval", str(out), "--data", "digits:val", "--json"]) == 0
+    assert '"top1"' in capsys.readouterr().out
+
+
+def test_quiet_prints_only_the_result(state_dict_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "q.safetensors"
+    assert main(["--quiet", "shrink", str(state_dict_file), *SHRINK_FAST, "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines() == [captured.out.strip()] and captured.out.startswith("wrote ")
+    assert captured.err == ""
+    assert main(["-q", "eval", str(out), "--data", "digits:val"]) == 0
+    assert capsys.readouterr().out.startswith("top1=")
+
+
+def test_shrink_bad_checkpoint_exits_2_with_one_line(state_dict_file: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    state = torch.load(state_dict_file, weights_only=True)
+    state.pop("head.bias")
+    state["stray"] = torch.zeros(1)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    assert main(["shrink", str(bad), *SHRINK_FAST, "-o", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "missing keys: head.bias" in err and "unexpected keys: stray" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.safetensors").exists()
+    assert main(["shrink", str(tmp_path / "nope.pt"), *SHRINK_FAST, "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["shrink", "none", "--model", "compress:digits-cnn"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Missing option" in err and "--help" in err
+    assert main(["shrnk"]) == 2
+    assert "No such command" in capsys.readouterr().err
+    assert main(["shrink", "none", *SHRINK_FAST, "--bits", "many", "-o", "x.safetensors"]) == 2
+
+
+def test_failures_exit_1_one_line_and_traceback_with_debug(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import compress.evaluate.report as report
+
+    def broken(run_dir):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    assert main(["report", "some-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: RuntimeError: disk on fire ... (run with --debug for the traceback)"
+    assert main(["--debug", "report", "some-run"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_export_onnx_wiring(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import types
+
+    calls = []
+
+    def export_onnx(artifact, out, dense=False, **options):
+        calls.append((Path(artifact), Path(out), dense, options))
+        return {"path": str(out), "bytes": 12345, "ratio": 1.07}
+
+    monkeypatch.setitem(sys.modules, "compress.onnx", types.SimpleNamespace(export_onnx=export_onnx))
+    artifact = tmp_path / "model.safetensors"
+    artifact.write_bytes(b"x")
+    assert main(["export", str(artifact), "--onnx", str(tmp_path / "m.onnx"), "--dense"]) == 0
+    assert calls == [(artifact, tmp_path / "m.onnx", True, {})]
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'm.onnx'}: 12,345 bytes, 1.07x the artifact, dense weights"
+    assert main(["export", str(artifact), "--onnx", str(tmp_path / "n.onnx"), "--opset", "17"]) == 0
+    assert calls[-1][2:] == (False, {"opset": 17})
+    assert main(["export", str(tmp_path / "missing.safetensors"), "--onnx", "o.onnx"]) == 2
+    assert main(["export", str(artifact)]) == 2  # --onnx is required
+
+
+@pytest.mark.parametrize("command", [[], ["shrink"], ["export"], ["eval"], ["inspect"], ["report"]])
+def test_every_help_has_examples(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Example" in out, out
+
+
+def test_quiet_run_keeps_the_table_and_the_log_file(tiny_recipe_path: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r"
+    assert main(["--quiet", "run", str(tiny_recipe_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stage" in printed and "finetune" in printed, "the result table is still printed"
+    assert "] stage 1/3" not in printed and "epoch 1/1" not in printed, "info lines are silenced"
+    assert "stage 1/3: finetune" in (out / "log.txt").read_text(), "log.txt keeps them"
+    assert main(["eval", str(out / "stages/01-finetune/model.safetensors"), "--data", "digits:val"]) == 0
+    assert capsys.readouterr().out.startswith("top1="), "a stage checkpoint evaluates too"

@@ -1,0 +1,338 @@
+"""`shrink`: one checkpoint -> one artifact, through a recipe built on the fly and the pipeline's stages.
+
+    recipe = prune {target: {params: R}}      (when R > 0; |gamma| / magnitude importance, no sparse training)
+             recover {bn, steps}              (when R > 0; label-free: BN re-estimation, output distillation)
+             quantize {method: jlcm, bits: B} (calibration images only)
+The stages are the registered ones, run by a `RunContext` as `compress run` runs them, except that no stage
+is evaluated (calibration data may be unlabelled) and the artifact is written by `write_artifact` with the
+preprocessing in its manifest (the export stage cannot add it). Nothing but the output file is left behind
+(the run directory is temporary).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from compress.errors import UserError
+from compress.pipeline import RunContext, make_accelerator
+from compress.prune.trace import is_torchvision_detector
+from compress.recipe import Recipe, parse_recipe
+import compress.stages  # noqa: F401  (registers every stage, recover included)
+from compress.shrink.data import calib_ref, load_calib, with_read_size
+from compress.shrink.preprocess import parse_floats, resolve
+from compress.stages.recover import raw_outputs
+from compress.stages import STAGES
+
+DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-steps)
+
+
+@dataclass
+class ShrinkContext(RunContext):
+    """A RunContext that serves the prepared calibration images for every data role, logs to the console
+    only (unless quiet) and keeps the unpruned model in memory as the recover stage's teacher."""
+
+    calib_data: Dataset | None = None
+    quiet: bool = False
+    teacher: nn.Module | None = None
+    lines: list[str] = field(default_factory=list)
+    printer: Callable[[str], None] = print
+
+    def dataset(self, role: str) -> Dataset:
+        assert self.calib_data is not None
+        return self.calib_data
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+        if self.is_main and not self.quiet:
+            self.printer(message)
+
+    def warn(self, message: str) -> None:
+        """A warning: on stderr, even when quiet."""
+        self.lines.append(f"warning: {message}")
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        if self.quiet:
+            yield lambda **_: None
+            return
+        with super().progress(description, total) as advance:
+            yield advance
+
+
+def read_checked_checkpoint(path: str) -> None:
+    """Fail early, in one line, on a checkpoint that is not a plain state dict (pickled objects)."""
+    from compress.models import CheckpointError, read_state_dict
+
+    try:
+        read_state_dict(path)
+    except CheckpointError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = f" (it pickles {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"checkpoint '{path}' is not a plain state dict{what}: it is loaded with weights_only=True, "
+                "which refuses pickled Python objects; save model.state_dict() with torch.save, or as .safetensors"
+            ) from None
+        raise
+
+
+def check_supported(spec: str, model: nn.Module) -> None:
+    """One-line refusals for model kinds the one-shot pipeline cannot take."""
+    if is_torchvision_detector(model) and not (hasattr(model, "head") and hasattr(model, "backbone")):
+        raise UserError(f"{spec}: two-stage torchvision detectors (RPN + ROI heads, e.g. "
+                        f"{type(model).__name__}) are not supported; use a one-stage detector (ssdlite, fcos, retinanet)")
+
+
+def failing_layer(model: nn.Module, x: Any) -> tuple[str | None, BaseException | None]:
+    """Run `model(x)`; on an exception, the innermost module that was running and the exception."""
+    stack: list[str] = []
+
+    def enter(_m: nn.Module, _a: Any, name: str) -> None:
+        stack.append(name)
+
+    def leave(_m: nn.Module, _a: Any, _o: Any) -> None:  # must return None: a value would replace the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(m, a, n)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), raw_outputs(model):
+            model(x)
+    except Exception as exc:  # noqa: BLE001  (any failure is reported with the layer it happened in)
+        return (stack[-1] if stack else None), exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None, None
+
+
+def check_forward(spec: str, model: nn.Module, data: Dataset, task: str) -> None:
+    """The model must run on a batch of the prepared calibration images; else one line naming the layer."""
+    from compress.tasks import get_task
+
+    x = get_task(task).inputs(next(iter(get_task(task).loader(data, 2, shuffle=False))))
+    was_training = model.training
+    model.eval()
+    layer, exc = failing_layer(model, x.to(next(model.parameters()).device))
+    model.train(was_training)
+    if exc is not None:
+        where = f"layer {layer} ({type(model.get_submodule(layer)).__name__})" if layer else "its forward"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{spec} cannot run on the calibration images ({'x'.join(map(str, x.shape))}): {where} "
+                        f"failed: {type(exc).__name__}: {reason}; check --image-size / --num-classes / --task")
+
+
+def build_recipe(spec: str, num_classes: int, checkpoint: str | None, task: str, image_size: int,
+                 ref: dict[str, Any], samples: int, prune: float, bits: float | None, method: str,
+                 recover_steps: int, batch_size: int, seed: int, quant_options: dict[str, Any] | None,
+                 recover: bool = True) -> Recipe:
+    stages: list[dict[str, Any]] = []
+    if prune > 0:
+        stages.append({"prune": {"target": {"params": prune}}})
+        if recover:
+            stages.append({"recover": {"bn": True, "steps": recover_steps, "batch_size": batch_size}})
+    quant = {"method": method, "batch_size": batch_size, **(quant_options or {})}
+    if bits is not None:
+        quant["bits"] = bits
+    stages.append({"quantize": quant})
+    data_ref = {**ref, "samples": samples}
+    return parse_recipe({
+        "name": "shrink", "seed": seed, "task": task, "image_size": image_size,
+        "model": {"build": spec, "num_classes": num_classes, "checkpoint": checkpoint},
+        "data": {"train": data_ref, "val": data_ref, "calib": data_ref},
+        "train": {"batch_size": batch_size, "eval_batch_size": batch_size},
+        "stages": stages,
+    }, source="shrink settings")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_classes: int,
+           task: str = "classification", prune: float = 0.0, bits: float | None = 3.0, method: str = "jlcm",
+           calib: str = "digits", calib_samples: int = 64, image_size: int | None = None,
+           mean: str | tuple[float, ...] | None = None, std: str | tuple[float, ...] | None = None,
+           recover: bool = True, recover_steps: int = DEFAULT_RECOVER_STEPS, batch_size: int = 16, seed: int = 0,
+           quant_options: dict[str, Any] | None = None, verify: bool = True, quiet: bool = False,
+           printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prune (optional), recover, quantize and export `model` (a builder spec) loaded from `checkpoint`
+    (None or "none": the builder's random init) into the artifact `out`; returns the figures printed.
+
+    prune: share of parameters to remove (0: no pruning). recover: after pruning, re-estimate BatchNorm
+    statistics on the calibration images and take `recover_steps` output-distillation steps from the unpruned
+    model (no labels). bits / method: the quantization target (jlcm: average bits of the whole model) and
+    method (jlcm, rtn, kmeans, nf4); quant_options: more options of the method. calib: a data source name
+    (its calib split, or SOURCE:SPLIT) or a folder of images; the first `calib_samples` images are used.
+    image_size / mean / std override the model's preprocessing. verify: reload the artifact and compare.
+    """
+    from accelerate.utils import set_seed
+
+    from compress.artifact import write_artifact
+    from compress.artifact.stage import artifact_manifest
+    from compress.evaluate import measure
+    from compress.models import build_model
+    from compress.tasks import get_task
+    from compress.tasks.detection import is_tensor_protocol
+
+    start = time.perf_counter()
+    say = (lambda _: None) if quiet else printer
+    checkpoint = None if checkpoint is None or str(checkpoint).lower() == "none" else str(checkpoint)
+    out = Path(out).expanduser().resolve()
+    if task not in ("classification", "detection"):
+        raise UserError(f"--task {task!r}: write classification or detection")
+    if not 0 <= prune < 1:
+        raise UserError(f"--prune {prune}: the share of parameters to remove must be in [0, 1)")
+    if calib_samples <= 0:
+        raise UserError(f"--calib-samples must be > 0 (got {calib_samples})")
+    if out.suffix != ".safetensors":
+        raise UserError(f"-o {out.name}: the artifact is a .safetensors file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"-o {out}: {out.parent} is not a folder")
+    mean = parse_floats(mean, "--mean") if isinstance(mean, str) else mean
+    std = parse_floats(std, "--std") if isinstance(std, str) else std
+    ref = calib_ref(calib)
+    if checkpoint is not None:
+        read_checked_checkpoint(checkpoint)
+
+    set_seed(seed)
+    net = build_model(model, num_classes=num_classes, checkpoint=checkpoint)
+    check_supported(model, net)
+    looks_detector = is_tensor_protocol(net) or is_torchvision_detector(net)
+    if looks_detector != (task == "detection"):
+        kind = "a detector" if looks_detector else "not a detector"
+        raise UserError(f"{model} is {kind} but --task is {task}; pass --task "
+                        f"{'detection' if looks_detector else 'classification'}")
+
+    from calib import get_dataset
+
+    base_size = None
+    if ref["source"] != "folder":
+        base_size = getattr(get_dataset(ref["source"], ref["split"], **ref.get("options", {})), "image_size", None)
+    elif image_size is None:
+        base_size = 224
+    pre = resolve(model, net, task, base_size, image_size, mean, std)
+    if pre.image_size is None:
+        raise UserError(f"--image-size is needed: {model} and --calib {calib} give no input size")
+    ref = with_read_size(ref, pre)
+    data = load_calib(ref, pre, task, calib_samples)
+    check_forward(model, net, data, task)
+    where = ref.get("root") or f"{ref['source']}:{ref['split']}"
+    labelled = "labels unused" if getattr(data.base, "num_classes", 0) else "unlabelled"
+    say(f"model {model} ({'random init' if checkpoint is None else checkpoint}), {num_classes} classes, {task}")
+    say(f"calibration: {len(data)} images of {where} ({labelled})")
+    say(f"preprocessing: {pre.describe()}")
+
+    recipe = build_recipe(model, num_classes, checkpoint, task, pre.image_size, ref, calib_samples, prune, bits,
+                          method, recover_steps, batch_size, seed, quant_options, recover)
+    ctx_task = get_task(task)
+    before = measure(net, ctx_task.example_input(net, pre.image_size))
+    resized = " input (resized inside the model)" if is_torchvision_detector(net) else ""
+    say(f"before: {before['params']:,} params, {before['macs']:,} MACs at {pre.image_size}px{resized}, "
+        f"{_mb(before['size_bytes'])} ({before['bits_per_weight']:.2f} bits/weight)")
+
+    rows = [("input", before, 0.0)]
+    with tempfile.TemporaryDirectory(prefix="compress-shrink-") as run_dir:
+        accelerator = make_accelerator()
+        ctx = ShrinkContext(recipe=recipe, run_dir=Path(run_dir), accelerator=accelerator, task=ctx_task,
+                            calib_data=data, quiet=quiet, printer=printer)
+        net = net.to(ctx.device)
+        if prune > 0 and recover and recover_steps > 0:
+            ctx.teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        for index, stage in enumerate(recipe.stages):
+            ctx.stage_index, ctx.stage_name, ctx.stage_metrics = index, stage.name, {}
+            set_seed(ctx.stage_seed)
+            t0 = time.perf_counter()
+            ctx.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.name}")
+            with raw_outputs(net) if stage.name == "quantize" else contextlib.nullcontext():
+                net = STAGES[stage.name].fn(net, stage.config, ctx).to(ctx.device)
+            seconds = time.perf_counter() - t0
+            ratio = ctx.stage_metrics.get("params_ratio")
+            if stage.name == "prune" and ratio is not None and ratio < 1 - prune - 0.05:
+                ctx.warn(f"pruning removed {1 - ratio:.1%} of the parameters, more than the {prune:.0%} asked: "
+                        "channels of equal importance are removed together (typical of a random init, whose BN "
+                        "scales are all alike)")
+            figures = measure(net, ctx.example_input(net))
+            ctx.finished.append({"name": stage.name, "metrics": dict(ctx.stage_metrics), **figures,
+                                 "seconds": round(seconds, 3)})
+            rows.append((stage.name, figures, seconds))
+        ctx.teacher = None
+        ctx.stage_index, ctx.stage_name = len(recipe.stages), "export"
+        manifest = artifact_manifest(ctx)
+        manifest["metrics"] = {}  # nothing was evaluated (calibration images may be unlabelled)
+        manifest["preprocessing"] = pre.to_dict()
+        recovery = "none"
+        if prune > 0 and recover:
+            recovery = "bn" + (f" + {recover_steps} distillation steps" if recover_steps else "")
+        manifest["shrink"] = {"checkpoint": checkpoint, "calib": where, "calib_images": len(data), "prune": prune,
+                              "bits": bits, "method": method, "recover": recovery, "labels_used": False}
+        size = write_artifact(out, net, manifest)
+
+    after = rows[-1][1]
+    plan = getattr(net, "quantization_plan", {}).get("summary", {})
+    result = {"out": str(out), "file_bytes": size, "before_bytes": before["size_bytes"],
+              "after_bytes": after["size_bytes"], "params_before": before["params"], "params_after": after["params"],
+              "macs_before": before["macs"], "macs_after": after["macs"], "bits_per_weight": after["bits_per_weight"],
+              "quantized_bits_per_weight": plan.get("bits_per_weight"), "target_bits": bits,
+              "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
+              "stages": [{"name": n, **f, "seconds": round(s, 3)} for n, f, s in rows]}
+    if verify:
+        result["verify_max_diff"] = _verify(out, net, data, task, batch_size)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    say(_table(rows))
+    if verify:
+        say(f"verified: compress.load({out.name}) gives the same outputs (max |diff| {result['verify_max_diff']:.2g})")
+    return result
+
+
+@torch.no_grad()
+def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: int) -> float:
+    """Reload the artifact and compare its outputs with the in-memory model on one calibration batch."""
+    from compress.artifact import load
+    from compress.tasks import get_task
+
+    loader = get_task(task).loader(data, min(batch_size, 4), shuffle=False)
+    x = get_task(task).inputs(next(iter(loader)))
+    device = next(model.parameters()).device
+    reloaded = load(out, device=device)
+    model.eval()
+    with raw_outputs(model), raw_outputs(reloaded):
+        from compress.prune.trace import flat_tensors
+
+        want, got = flat_tensors(model(x.to(device))), flat_tensors(reloaded(x.to(device)))
+    if [t.shape for t in want] != [t.shape for t in got]:
+        raise RuntimeError(f"{out}: the reloaded artifact gives outputs of other shapes than the shrunk model")
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got))
+    scale = max(a.float().abs().max().item() for a in want)
+    if not diff <= 1e-3 * (1 + scale):
+        raise RuntimeError(f"{out}: the reloaded artifact differs from the shrunk model (max |diff| {diff:.3g})")
+    return diff
+
+
+def _table(rows: list[tuple[str, dict[str, Any], float]]) -> str:
+    head = f"{'stage':<10} {'params':>12} {'MACs':>15} {'size':>11} {'bits/w':>7} {'seconds':>8}"
+    lines = [head]
+    for name, f, s in rows:
+        lines.append(f"{name:<10} {f['params']:>12,} {f['macs']:>15,} {_mb(f['size_bytes']):>11} "
+                     f"{f['bits_per_weight']:>7.2f} {s:>8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The `recover` stage: a short, label-free repair of a pruned model on calibration images.
+
+1. BatchNorm re-estimation: pruning changes what reaches every later layer, so the running mean/var of
+   the BatchNorm layers no longer match; they are recomputed (a plain average over the calibration
+   batches, weights untouched).
+2. Optionally (`steps > 0`) output distillation: the pruned model is trained for a few steps to match the
+   unpruned model's outputs on the same images (classification: KL at a temperature; detectors: relative
+   squared error of the raw head outputs), BatchNorm frozen, then the statistics are re-estimated once more.
+No labels are read. The teacher is the model before pruning: `ctx.teacher` when the runner keeps it in
+memory (compress shrink), else the checkpoint before the first prune stage of the run dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from compress.prune.trace import flat_tensors, is_torchvision_detector, raw_forward
+from compress.recipe import Config
+from compress.stages import register_stage
+
+if TYPE_CHECKING:
+    from compress.pipeline import RunContext
+
+
+class RecoverConfig(Config):
+    """`- recover: {bn: true, steps: 0}`: BN re-estimation and optional output distillation, no labels."""
+
+    bn: bool = Field(True, description="re-estimate BatchNorm running statistics on the calibration images")
+    steps: int = Field(0, ge=0, description="output-distillation steps from the unpruned model (0: none)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the distillation steps")
+    temperature: float = Field(2.0, gt=0, description="classification KL temperature")
+    batch_size: int = Field(32, gt=0, description="calibration batch size")
+
+
+def _raw_detector_forward(self: nn.Module, images: Any) -> Any:
+    """A torchvision detector's transform (normalise + resize) then backbone + head: raw tensors out."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = list(images)
+    image_list, _ = self.transform(images)
+    return raw_forward(self, image_list.tensors)
+
+
+@contextlib.contextmanager
+def raw_outputs(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, a torchvision detector returns its raw head outputs for a batch tensor (fixed
+    shapes, differentiable) instead of post-processed boxes; other models are left as they are. The forward
+    is bound to the model, so a deepcopy taken inside the block (quantize's float copy) runs itself."""
+    if not is_torchvision_detector(model) or not hasattr(model, "transform"):
+        yield model
+        return
+    model.forward = types.MethodType(_raw_detector_forward, model)
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: list[torch.Tensor], advance: Any = None) -> int:
+    """Recompute every BatchNorm's running mean/var as the average over `batches` (other layers in eval
+    mode, weights untouched); returns how many BatchNorm layers there were."""
+    norms = batchnorms(model)
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        with raw_outputs(model):
+            for x in batches:
+                model(x)
+                if advance:
+                    advance()
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+        model.train(was_training)
+    return len(norms)
+
+
+def distill_loss(student: Any, teacher: Any, task: str, temperature: float) -> torch.Tensor:
+    """Classification: KL(teacher || student) at a temperature (x T^2); otherwise the relative squared
+    error of every raw output tensor, summed."""
+    if task == "classification" and torch.is_tensor(student):
+        t = temperature
+        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    loss = None
+    for s, te in zip(flat_tensors(student), flat_tensors(teacher)):
+        if not s.is_floating_point():
+            continue
+        term = F.mse_loss(s, te) / te.pow(2).mean().clamp_min(1e-8)
+        loss = term if loss is None else loss + term
+    if loss is None:
+        raise ValueError("recover: the model returns no floating-point tensor to distill")
+    return loss
+
+
+def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], config: RecoverConfig,
+                  task: str, advance: Any = None) -> list[float]:
+    """`config.steps` Adam steps matching the teacher's outputs (BatchNorm and dropout in eval mode)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    was_training = student.training
+    student.eval()
+    teacher.eval()
+    losses = []
+    try:
+        with raw_outputs(student), raw_outputs(teacher):
+            for x in itertools.islice(itertools.cycle(batches), config.steps):
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = distill_loss(student(x), target, task, config.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                if advance:
+                    advance(loss=losses[-1])
+    finally:
+        student.train(was_training)
+        student.zero_grad(set_to_none=True)
+    return losses
+
+
+@register_stage("recover", RecoverConfig, trains=True)
+def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Module:
+    loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
+    batches = [ctx.task.inputs(batch).to(ctx.device) for batch in loader]
+    if config.bn:
+        with ctx.progress("recover: BatchNorm statistics", total=len(batches)) as advance:
+            count = reestimate_bn(model, batches, lambda: advance())
+        ctx.log(f"recover: re-estimated {count} BatchNorm layers on {sum(len(b) for b in batches)} calibration images"
+                if count else "recover: no BatchNorm layer to re-estimate")
+    if config.steps:
+        teacher = getattr(ctx, "teacher", None)
+        if teacher is None:
+            from compress.distill.stage import load_teacher
+
+            teacher = load_teacher("before-prune", ctx)
+        with ctx.progress("recover: distillation", total=config.steps) as advance:
+            losses = distill_steps(model, teacher.to(ctx.device), batches, config, ctx.task.name, advance)
+        ctx.log(f"recover: {config.steps} output-distillation steps from the unpruned model, "
+                f"loss {losses[0]:.4g} -> {sum(losses[-5:]) / len(losses[-5:]):.4g} (mean of the last 5)")
+        if config.bn:
+            reestimate_bn(model, batches)
+    return model

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--kd-weight", type=float, default=1.0, help="output-distillation weight of output-kd and both")
+    ap.add_argument("--attention-scale", type=float, default=1.0, help="multiply the run's attention weights")
     ap.add_argument("--variants", nargs="+", default=["finetune", "output-kd", "attention", "both"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     args = ap.parse_args()
@@ -45,7 +46,10 @@ def main() -> None:
     source = args.run_dir / report["stages"][done.index("prune") - 1]["checkpoint"]  # the model the prune got
     prune_cfg, distill_cfg = recipe["stages"][p]["prune"], recipe["stages"][d]["distill"]
     train = {k: v for k, v in distill_cfg.items() if k not in ("teacher", "attention", "output_kd")}
-    attention = distill_cfg.get("attention", {})
+    attention = json.loads(json.dumps(distill_cfg.get("attention", {})))
+    if args.attention_scale != 1.0:
+        attention["weights"] = {role: w * args.attention_scale for role, w in attention.get(
+            "weights", {"backbone": 1e6, "neck": 1e4, "coarsest": 1e3}).items()}
     off = {"weights": {"backbone": 0.0, "neck": 0.0, "coarsest": 0.0}}
     variants: dict[str, dict[str, Any]] = {
         "finetune": {"finetune": train},

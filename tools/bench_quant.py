@@ -17,8 +17,8 @@ row maps) and `model bpw` over all parameters (BN and biases in fp32), as the si
 `--ablation` adds jlcm's mapping variants at 2 bits: proximal (ours), plain STE, codebooks only (frozen),
 and the k-means init alone. `--timing` only times one jlcm run (mixed, 2 bits) of a random-init model (1000
 classes) on random calibration images of the given size: wall and CPU seconds of sensitivity and of the
-layer-by-layer quantization, with the machine's load average. Runs single-threaded by default: on a shared CPU, two torch threads contending
-for a core make the many small ops of calibration far slower.
+layer-by-layer quantization, with the machine's load average. Runs single-threaded by default: on a shared
+CPU, two torch threads contending for a core make the many small ops of calibration far slower.
 """
 from __future__ import annotations
 
@@ -217,7 +217,8 @@ def main() -> None:
     name = bench.metric_name
     rows = [{"method": "float", "options": {}, name: bench.score(model), "out_err": 0.0, "bpw": 32.0,
              "model_bpw": 32.0, "seconds": 0.0, "cpu_seconds": 0.0}]
-    print(f"{'method':7s} {'options':58s} {name:>6s} {'out_err':>8s} {'bpw':>6s} {'model':>6s} {'wall':>7s} {'cpu':>7s}")
+    print(f"{'method':7s} {'options':58s} {name:>6s} {'out_err':>8s} {'bpw':>6s} {'model':>6s} {'wall':>7s} "
+          f"{'cpu':>7s}")
     print(f"{'float':7s} {'':58s} {rows[0][name]:6.4f}", flush=True)
     for method, options in runs:
         quantized = copy.deepcopy(model)

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.evaluate.size import count_params, storage_bytes
-from compress.quant.calibration import FloatInputs, Site, call_order, collect_stats, find_sites, to_device
+from compress.quant.calibration import (FloatInputs, Replay, Site, call_name, call_order, collect_stats, find_sites,
+                                        to_device)
 from compress.quant.formats import bits_per_weight, decode, matrix_shape, storage_bits
 from compress.quant.layers import attach_quantized
 from compress.quant.plan import allocate_bits, measure_sensitivity
@@ -122,10 +123,11 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     with_stats = config.needs_stats() and bool(batches)
     float_model = copy.deepcopy(model) if with_stats and config.sequential else model
     stats_all = {}
-    float_inputs = None
+    float_inputs, replay = None, None
     if with_stats and config.sequential:
+        replay = Replay(model, batches[0], config.replay_mb << 20)
         float_inputs = FloatInputs(float_model, ordered, batches, counts, config.max_samples, config.seed,
-                                   config.cache_mb << 20)
+                                   config.cache_mb << 20, Replay(float_model, batches[0], config.replay_mb << 20))
     if with_stats and not config.sequential:
         stats_all = collect_stats(model, None, [s for s in ordered if counts.get(s.name)], batches, counts,
                                   config.max_samples, config.seed)
@@ -138,7 +140,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             # inputs of the next `window` layers from one pass of the model quantized so far
             window = [s for s in ordered[i:i + config.window] if counts.get(s.name)]
             stats_all = collect_stats(float_model, model if quantized_any else None, window, batches, counts,
-                                      config.max_samples, config.seed, {s.name: float_inputs.get(s) for s in window})
+                                      config.max_samples, config.seed, {s.name: float_inputs.get(s) for s in window},
+                                      replay)
         if with_stats and counts.get(site.name):
             stats = stats_all.pop(site.name, None)
         weight = site.weight.detach()
@@ -150,6 +153,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             error = float(quadratic_loss(decode(layout, buffers).reshape(rows, cols).to(stats.H.device),
                                          weight.float().reshape(rows, cols), stats))
         attach_quantized(site.module, layout, buffers, site.attr)
+        if replay is not None:
+            replay.invalidate(call_name(site))
         quantized_any = True
         entry = {"name": site.name, "attr": site.attr, "kind": site.kind, "shape": list(weight.shape),
                  "weights": weight.numel(), "bits": bits, "groups": layout.get("groups"),
@@ -160,7 +165,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                       "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})
-    del float_model
+    del float_model, float_inputs, replay
     n = sum(e["weights"] for e in layers)
     stored = sum(storage_bits(e["layout"]) for e in layers)
     summary = {"layers": len(layers), "weights": n,

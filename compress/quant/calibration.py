@@ -5,6 +5,8 @@ in-projection of an `nn.MultiheadAttention` (query/key/value rows). Inputs are c
 pre-hooks; a forward is stopped right after the layer of interest has seen its input, so collecting a
 layer's inputs costs the model up to that layer only. Conv inputs are sampled at random output positions
 (at most `max_samples` rows per layer in all), and only those patches are gathered, so memory stays small.
+`Replay` makes the layer-by-layer walk cost about one forward in all instead of one per layer: the modules
+that returned before the first layer changed since the last pass give back their recorded outputs.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import contextlib
 import fnmatch
 import math
 import re
+import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from compress.quant.layers import QuantizedWeight
 from compress.quant.stats import LayerStats
 
 __all__ = ["Site", "find_sites", "matches", "to_device", "collect_stats", "FloatInputs", "call_order", "model_outputs",
-           "no_fastpath", "sample_patches"]
+           "no_fastpath", "sample_patches", "Replay", "call_name"]
 
 
 @dataclass
@@ -190,12 +194,21 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, count: int | None, generato
         pos = torch.randperm(total, generator=generator)[:count].to(x.device)
     bi, rem = pos // (out_h * out_w), pos % (out_h * out_w)
     oy, ox = rem // out_w, rem % out_w
-    ys = oy[:, None] * stride[0] + torch.arange(kernel[0], device=x.device) * dilation[0]  # [n, kh]
-    xs = ox[:, None] * stride[1] + torch.arange(kernel[1], device=x.device) * dilation[1]  # [n, kw]
-    ch = torch.arange(c, device=x.device)
-    patches = x[bi[:, None, None, None], ch[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    # windows as a view [b, c, out_h, out_w, kh, kw] (dilated: every dilation-th of a wider window), then
+    # one gather of the n chosen ones
+    span = (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
+    windows = x.unfold(2, span[0], stride[0]).unfold(3, span[1], stride[1])[:, :, :out_h, :out_w]
+    if dilation != (1, 1):
+        windows = windows[..., :: dilation[0], :: dilation[1]]
     groups = conv.groups
-    return patches.reshape(pos.numel(), groups, -1).transpose(0, 1)  # [g, n, C_in/g * kh * kw]
+    if groups == 1:
+        return windows[bi, :, oy, ox].reshape(1, pos.numel(), -1)  # [1, n, C_in * kh * kw]
+    patches = windows.transpose(0, 1)[:, bi, oy, ox]  # [c, n, kh, kw]
+    per = c // groups
+    patches = patches.reshape(groups, per, pos.numel(), -1)
+    if per == 1:  # depthwise
+        return patches[:, 0]
+    return patches.transpose(1, 2).reshape(groups, pos.numel(), -1)  # [g, n, C_in/g * kh * kw]
 
 
 def _rows(x: torch.Tensor, count: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -221,37 +234,51 @@ def _site_input(site: Site, args: tuple, kwargs: dict, count: int | None, genera
 
 
 def _capture(model: nn.Module, sites: list[Site], batch: Any, counts: dict[str, int],
-             quota: dict[str, int | None], seed: int, stop: bool) -> dict[str, torch.Tensor]:
+             quota: dict[str, int | None], seed: int, stop: bool, replay: Replay | None = None,
+             index: int = 0) -> dict[str, torch.Tensor]:
     """Run `model(batch)` and return the input rows of each site (named as in `model`); the forward stops
-    early once all are caught when `stop` allows (each site then called as often as `counts` says)."""
-    caught: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-    handles = []
+    early once all are caught when `stop` allows (each site then called as often as `counts` says). With
+    `replay` (recorded for batch number `index`), modules that finished before the first site replay their
+    outputs of an earlier pass."""
 
-    def done() -> bool:
-        return stop and all(len(caught[s.name]) >= max(counts.get(s.name, 1), 1) for s in sites)
+    def forward() -> dict[str, torch.Tensor]:
+        caught: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+        handles = []
 
-    for site in sites:
-        # positions drawn per (seed, batch, layer name): the float and the quantized model sample the same ones
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.name.encode())) % (1 << 62))
-        if site.kind == "mha_out":
-            handles += _hook_out_proj(model, site, caught[site.name], quota[site.name], gen, done)
-            continue
+        def done() -> bool:
+            return stop and all(len(caught[s.name]) >= max(counts.get(s.name, 1), 1) for s in sites)
 
-        def hook(_m: nn.Module, args: tuple, kwargs: dict, site: Site = site, gen: torch.Generator = gen) -> None:
-            caught[site.name].append(_site_input(site, args, kwargs, quota[site.name], gen).detach())
-            if done():
-                raise _Stop
+        for site in sites:
+            # positions drawn per (seed, batch, layer name): the float and the quantized model sample the same ones
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.name.encode())) % (1 << 62))
+            if site.kind == "mha_out":
+                handles += _hook_out_proj(model, site, caught[site.name], quota[site.name], gen, done)
+                continue
 
-        handles.append(model.get_submodule(site.name).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad(), no_fastpath():
-            model(batch)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: torch.cat(parts, dim=1) for name, parts in caught.items() if parts}
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, site: Site = site, gen: torch.Generator = gen) -> None:
+                caught[site.name].append(_site_input(site, args, kwargs, quota[site.name], gen).detach())
+                if done():
+                    raise _Stop
+
+            handles.append(model.get_submodule(site.name).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad(), no_fastpath():
+                model(batch)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: torch.cat(parts, dim=1) for name, parts in caught.items() if parts}
+
+    if replay is None:
+        return forward()
+    return replay.run(index, replay.cutoff([call_name(s) for s in sites]), forward)
+
+
+def call_name(site: Site) -> str:
+    """The module whose call marks the site's use: the site's own, or its attention's for an out_proj."""
+    return site.parent if site.kind == "mha_out" and site.parent is not None else site.name
 
 
 def _hook_out_proj(model: nn.Module, site: Site, sink: list[torch.Tensor], count: int | None,
@@ -291,10 +318,12 @@ def _quota(sites: list[Site], batches: list[Any], counts: dict[str, int], max_sa
 
 def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: list[Site], batches: list[Any],
                   counts: dict[str, int], max_samples: int, seed: int = 0,
-                  float_inputs: dict[str, list[torch.Tensor | None]] | None = None) -> dict[str, LayerStats]:
+                  float_inputs: dict[str, list[torch.Tensor | None]] | None = None,
+                  replay: Replay | None = None) -> dict[str, LayerStats]:
     """Input moments of `sites` over `batches`: inputs x_q from `quant_model` (None: the float model's) and
     targets' inputs x_f from `float_model` (or `float_inputs`, per site and batch, e.g. from `FloatInputs`),
-    at the same sampled positions. Sites name modules of both models."""
+    at the same sampled positions. Sites name modules of both models; `replay` (of `quant_model`) skips what
+    earlier passes computed."""
     quota = _quota(sites, batches, counts, max_samples)
     stats: dict[str, LayerStats] = {}
     stop = all(counts.get(s.name, 0) >= 1 for s in sites)
@@ -303,7 +332,8 @@ def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: 
             xf = {s.name: float_inputs[s.name][i] for s in sites if float_inputs[s.name][i] is not None}
         else:
             xf = _capture(float_model, sites, batch, counts, quota, seed * 7919 + i, stop)
-        xq = xf if quant_model is None else _capture(quant_model, sites, batch, counts, quota, seed * 7919 + i, stop)
+        xq = xf if quant_model is None else _capture(quant_model, sites, batch, counts, quota, seed * 7919 + i, stop,
+                                                     replay, i)
         for site in sites:
             if site.name not in xf or site.name not in xq:
                 continue
@@ -317,11 +347,13 @@ def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: 
 class FloatInputs:
     """The float model's sampled inputs of the next layers, caught in one pass over the batches for as many
     layers (in call order) as fit in `budget_bytes`; the sequential walk then runs the float model once per
-    window instead of once per layer. `get(site)` hands a layer's inputs over (and forgets them)."""
+    window instead of once per layer (and, with `replay`, each window's pass only from where the last one
+    stopped). `get(site)` hands a layer's inputs over (and forgets them)."""
 
     def __init__(self, float_model: nn.Module, sites: list[Site], batches: list[Any], counts: dict[str, int],
-                 max_samples: int, seed: int, budget_bytes: int) -> None:
+                 max_samples: int, seed: int, budget_bytes: int, replay: Replay | None = None) -> None:
         self.model, self.sites, self.batches, self.counts = float_model, sites, batches, counts
+        self.replay = replay
         self.quota = _quota(sites, batches, counts, max_samples)
         self.seed, self.budget = seed, budget_bytes
         self.cache: dict[str, list[torch.Tensor | None]] = {}
@@ -351,7 +383,249 @@ class FloatInputs:
             total += size
         self.cache = {s.name: [] for s in window}
         for i, batch in enumerate(self.batches):
-            xf = _capture(self.model, window, batch, self.counts, self.quota, self.seed * 7919 + i, stop=True)
+            xf = _capture(self.model, window, batch, self.counts, self.quota, self.seed * 7919 + i, stop=True,
+                          replay=self.replay, index=i)
             for s in window:
                 self.cache[s.name].append(xf.get(s.name))
         self.passes += 1
+
+
+class _Mismatch(Exception):
+    """A replayed module was called twice in one pass: the forward does not follow the probed call order."""
+
+
+def _nested(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """obj with fn applied to its tensors (tensors, tuples, lists, dicts of them, None, numbers, strings)."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_nested(o, fn) for o in obj)
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {k: _nested(v, fn) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(type(obj).__name__)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    try:
+        _nested(obj, found.append)
+    except TypeError:
+        pass
+    return found
+
+
+def _close(a: Any, b: Any) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return False
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            scale = float(y.abs().max()) if y.numel() else 0.0
+            if x.numel() and float((x - y).abs().max()) > 1e-4 * scale + 1e-6:
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+class Replay:
+    """Skips what an earlier forward already computed. A probe pass records the order in which the model's
+    modules are called (each module's first call and last return). A module called once per forward that
+    returned before the first call of every layer changed since (see `invalidate`) gives the same output
+    again, so its recorded output (per batch) is returned instead of running it; only the code around the
+    modules runs. Passes record the outermost modules that return before their `cutoff` (the first layer
+    they need), cloned, within `budget_bytes` (entries that save the most time per byte are kept).
+
+    Modules that alias or modify their inputs in place, are called twice, or return other objects than
+    tensors (in tuples, lists, dicts) are never replayed; the first pass that replays anything is checked
+    against a plain one, and any mismatch turns replay off (then every pass runs the whole model).
+    """
+
+    def __init__(self, model: nn.Module, batch: Any, budget_bytes: int) -> None:
+        self.model, self.budget = model, budget_bytes
+        self.entries: dict[str, dict[int, Any]] = {}
+        self.sizes: dict[tuple[str, int], int] = {}
+        self.used = 0
+        self.blocked: set[str] = set()
+        self.enabled = budget_bytes > 0
+        self.verified = False
+        self.start: dict[str, int] = {}
+        self.end: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        if self.enabled:
+            self._probe(batch)
+
+    def _probe(self, batch: Any) -> None:
+        counter = [0]
+        begun: dict[str, list[float]] = {}
+        handles = []
+        for name, module in self.model.named_modules():
+            if not name:
+                continue
+
+            def pre(_m: nn.Module, _a: tuple, name: str = name) -> None:
+                counter[0] += 1
+                self.start.setdefault(name, counter[0])
+                self.calls[name] = self.calls.get(name, 0) + 1
+                begun.setdefault(name, []).append(time.perf_counter())
+
+            def post(_m: nn.Module, _a: tuple, _o: Any, name: str = name) -> None:
+                counter[0] += 1
+                self.end[name] = counter[0]
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begun[name].pop()
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            with torch.no_grad(), no_fastpath():
+                self.model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def cutoff(self, names: Sequence[str]) -> float:
+        """The first call, in the probed order, of any of the modules `names` (inf: none was called)."""
+        return min((self.start[n] for n in names if n in self.start), default=math.inf)
+
+    def invalidate(self, name: str) -> None:
+        """Module `name` changed: drop the outputs of every module that returned after its first call."""
+        first = self.start.get(name)
+        if first is None:
+            return
+        for module in [m for m in self.entries if self.end[m] >= first]:
+            self._drop(module)
+
+    def disable(self) -> None:
+        self.enabled = False
+        for module in list(self.entries):
+            self._drop(module)
+
+    def _drop(self, module: str, index: int | None = None) -> None:
+        batches = self.entries.get(module, {})
+        for i in list(batches) if index is None else [index]:
+            if i in batches:
+                del batches[i]
+                self.used -= self.sizes.pop((module, i))
+        if not batches:
+            self.entries.pop(module, None)
+
+    def _outermost(self, cutoff: float) -> set[str]:
+        """Modules called once that returned before `cutoff` and have no such ancestor."""
+        ok = {n for n, e in self.end.items() if e < cutoff and self.calls.get(n) == 1 and n not in self.blocked}
+        out = set()
+        for name in ok:
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in ok for i in range(1, len(parts))):
+                out.add(name)
+        return out
+
+    def _worth(self, module: str, size: int) -> float:
+        return self.seconds.get(module, 0.0) / max(size, 1)
+
+    def _store(self, module: str, index: int, output: Any) -> None:
+        size = sum(t.numel() * t.element_size() for t in _tensors(output))
+        worth = self._worth(module, size)
+        if self.used + size > self.budget:
+            cheaper = sorted((self._worth(m, self.sizes[(m, i)]), m, i) for m, e in self.entries.items() for i in e)
+            free = sum(self.sizes[(m, i)] for w, m, i in cheaper if w < worth)
+            if self.used - free + size > self.budget:
+                return
+            for w, m, i in cheaper:
+                if self.used + size <= self.budget or w >= worth:
+                    break
+                self._drop(m, i)
+        self.entries.setdefault(module, {})[index] = _nested(output, torch.Tensor.clone)
+        self.sizes[(module, index)] = size
+        self.used += size
+
+    @contextlib.contextmanager
+    def _active(self, index: int, cutoff: float) -> Iterator[list[str]]:
+        """Replay the recorded outputs of batch `index`; record the outermost modules that return before `cutoff`."""
+        replayed = [m for m, e in self.entries.items() if index in e]
+        saved = {m: self.entries[m][index] for m in replayed}  # entries evicted during the pass still replay in it
+        record = self._outermost(cutoff) - set(replayed)
+        calls: dict[str, int] = {}
+        handles, patched, recorded = [], [], []
+
+        def count(name: str) -> int:
+            calls[name] = calls.get(name, 0) + 1
+            return calls[name]
+
+        for name in replayed:
+            module = self.model.get_submodule(name)
+
+            def forward(*_a: Any, name: str = name, **_k: Any) -> Any:
+                if count(name) > 1:
+                    raise _Mismatch(name)
+                return _nested(saved[name], torch.Tensor.clone)
+
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = forward
+        versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        for name in record:
+            module = self.model.get_submodule(name)
+
+            def pre(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+                versions[name] = [(t, t._version) for t in _tensors((args, kwargs))]
+
+            def post(_m: nn.Module, _a: tuple, _k: dict, output: Any, name: str = name) -> None:
+                if count(name) > 1:  # called again: not the probed order
+                    self.blocked.add(name)
+                    self._drop(name)
+                    return
+                inputs = versions.pop(name, [])
+                try:
+                    outs = _tensors(_nested(output, lambda t: t))
+                except TypeError:
+                    self.blocked.add(name)
+                    return
+                in_place = any(t._version != v for t, v in inputs)
+                ptrs = {t.untyped_storage().data_ptr() for t, _ in inputs}
+                if in_place or any(o.untyped_storage().data_ptr() in ptrs for o in outs):
+                    self.blocked.add(name)  # aliases or changes its inputs: replaying it would skip that
+                    return
+                self._store(name, index, output)
+                recorded.append(name)
+
+            handles += [module.register_forward_pre_hook(pre, with_kwargs=True),
+                        module.register_forward_hook(post, with_kwargs=True)]
+        try:
+            yield replayed
+        finally:
+            for h in handles:
+                h.remove()
+            for module, before in patched:
+                if before is None:
+                    del module.forward
+                else:
+                    module.forward = before
+            for name in recorded:  # an ancestor's output now stands for its descendants'
+                for inner in [m for m in self.entries if m.startswith(name + ".")]:
+                    self._drop(inner, index)
+
+    def run(self, index: int, cutoff: float, forward: Callable[[], Any]) -> Any:
+        """`forward()` (a pass of the model over batch number `index`) with replay; the first pass that replays
+        anything is checked against a plain run."""
+        if not self.enabled:
+            return forward()
+        try:
+            with self._active(index, cutoff) as replayed:
+                out = forward()
+        except _Mismatch as exc:
+            warnings.warn(f"quantize: module '{exc}' was called twice in a forward (not in the probed order); "
+                          "calibration passes run the whole model from now on", stacklevel=2)
+            self.disable()
+            return forward()
+        if replayed and not self.verified:
+            self.verified = True
+            plain = forward()
+            if not _close(out, plain):
+                warnings.warn("quantize: replayed module outputs changed a forward (a module with side effects?); "
+                              "calibration passes run the whole model from now on", stacklevel=2)
+                self.disable()
+                return plain
+        return out

@@ -59,6 +59,9 @@ class JLCMConfig(QuantConfig):
     move_threshold: float = Field(1.0, gt=0, description="a move needs gain > threshold * curvature cost")
     max_move_fraction: float = Field(0.05, gt=0, le=1, description="at most this share of the weights move in "
                                      "one step (those of largest predicted gain)")
+    converge_steps: int = Field(0, ge=0, description="stop a layer's learning once its best loss improved by "
+                                "less than converge_tol (relative) over this many steps (0: always calib_steps)")
+    converge_tol: float = Field(1e-3, ge=0, description="relative improvement that counts as not converged yet")
     refit: bool = Field(True, description="refit per-group codebooks in closed form for the final mapping")
     damp: float = Field(0.01, ge=0, description="ridge toward the float weights: lambda = damp * mean diag of the "
                         "input second moment (guards against few calibration samples)")
@@ -99,17 +102,24 @@ def nearest_rows(values: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids.contiguous(), values.contiguous())
 
 
-def _move_gains(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, curvature: torch.Tensor,
-                threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted gains [R, C] of moving each index one codeword up and one down (-inf where impossible)."""
+def _neighbour_moves(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, cost: torch.Tensor,
+                     current: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(target index, signed gap to its codeword, predicted gain) of the one neighbour move each weight may take.
+
+    With cost = threshold * curvature / 2 >= 0, a move by the gap d gains -score * d - cost * d^2, which can
+    only be positive when d has the sign of -score: so each weight has one candidate, the next codeword up
+    where its score is negative and the previous one where it is positive (gain -inf past the table's ends).
+    """
     k = tables.shape[1]
-    cur = torch.gather(tables, 1, idx)
-    up = torch.gather(tables, 1, (idx + 1).clamp_max(k - 1)) - cur  # 0 at the top entry
-    down = torch.gather(tables, 1, (idx - 1).clamp_min(0)) - cur  # 0 at the bottom entry
-    cost = 0.5 * threshold * curvature
-    gain_up = torch.where(idx < k - 1, -score * up - cost * up * up, float("-inf"))
-    gain_down = torch.where(idx > 0, -score * down - cost * down * down, float("-inf"))
-    return gain_up, gain_down
+    step = 1 - 2 * (score >= 0).to(idx.dtype)  # +1 where the score is negative, else -1
+    target = idx + step
+    inside = (target >= 0) & (target < k)
+    target.clamp_(0, k - 1)
+    cur = torch.gather(tables, 1, idx) if current is None else current
+    gap = torch.gather(tables, 1, target).sub_(cur)  # 0 where the move would leave the table
+    gain = (cost * gap).add_(score).mul_(gap).neg_()
+    gain.masked_fill_(~inside, float("-inf"))
+    return target, gap, gain
 
 
 def proximal_step(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, curvature: torch.Tensor,
@@ -119,18 +129,21 @@ def proximal_step(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, 
     idx [R, C] int64; score [R, C] (running gradient of the loss w.r.t. the dequantized weight); tables
     [R, K] the sorted codebook of each row; curvature [R, C] (second derivative of the loss w.r.t. each
     weight). A move by the gap d to the next (d > 0) or previous (d < 0) codeword is taken when its
-    predicted gain -score * d - threshold * curvature * d^2 / 2 is positive (the better side when both
-    are); at most `max_moves` moves, those of largest gain. Returns (new idx, moved mask).
+    predicted gain -score * d - threshold * curvature * d^2 / 2 is positive (only the side against the
+    score can gain); at most `max_moves` moves, those of largest gain. Returns (new idx, moved mask).
     """
-    gain_up, gain_down = _move_gains(idx, score, tables, curvature, threshold)
-    go_up = gain_up >= gain_down
-    gain = torch.where(go_up, gain_up, gain_down)
+    target, _, gain = _neighbour_moves(idx, score, tables, 0.5 * threshold * curvature)
+    moved = _cap_moves(gain, max_moves)
+    return torch.where(moved, target, idx), moved
+
+
+def _cap_moves(gain: torch.Tensor, max_moves: int | None) -> torch.Tensor:
+    """Moves of positive gain; at most `max_moves` of them, those of largest gain."""
     moved = gain > 0
     if max_moves is not None and int(moved.sum()) > max_moves:
-        cut = torch.topk(gain.reshape(-1), max_moves).values[-1]
+        cut = torch.topk(gain.reshape(-1), max_moves, sorted=False).values.min()
         moved &= gain >= cut
-    step = torch.where(go_up, 1, -1) * moved
-    return idx + step, moved
+    return moved
 
 
 def _solve_codebooks(q: torch.Tensor, b: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -216,6 +229,7 @@ class _JointLearner:
         self.target = torch.bmm(w_g, stats.M.transpose(1, 2)).reshape(self.rows, self.cols)  # P: row r is M w_r
         diag = torch.diagonal(self.h, dim1=1, dim2=2)
         self.curvature = (2 * diag / self.energy).repeat_interleave(self.per_in, dim=0)  # d2L/dw^2, [R, C]
+        self.move_cost = 0.5 * config.move_threshold * self.curvature
         self.ema = torch.zeros_like(w)
         self.max_moves = max(self.rows, int(config.max_move_fraction * self.rows * self.cols))
         self.basis = _basis(idx, self.h, self.k) if self.k * self.rows * self.cols <= max_basis else None
@@ -323,29 +337,29 @@ class _JointLearner:
         """
         grad = self.grad()
         self.ema.mul_(self.config.momentum).add_(grad, alpha=1 - self.config.momentum)
-        new, moved = proximal_step(self.idx, self.ema, self.tr, self.curvature, self.config.move_threshold, self.max_moves)
-        if not bool(moved.any()):
-            return
-        delta = torch.where(moved, torch.gather(self.tr, 1, new) - self.wq, torch.zeros_like(self.wq))
+        target, gap, gain = _neighbour_moves(self.idx, self.ema, self.tr, self.move_cost, self.wq)
+        moved = _cap_moves(gain, self.max_moves)
         r, j = moved.nonzero(as_tuple=True)
+        if not r.numel():
+            return
+        delta = gap.mul_(moved)  # the change of every dequantized weight (0 where it does not move)
         d_h = self.sparse_h(r, j, delta[r, j])
         change = (delta * (grad + d_h / self.energy)).sum(1)  # exact loss change of each row
-        bad = change > 0
-        if bool(bad.any()):
-            single = delta * grad + 0.5 * self.curvature * delta * delta  # exact change of one move alone
-            single = torch.where(moved, single, torch.full_like(single, float("inf")))
-            best_j = single.argmin(dim=1)
-            keep = single.gather(1, best_j[:, None])[:, 0] < 0
-            rows_bad = bad.nonzero()[:, 0]
+        rows_bad = (change > 0).nonzero()[:, 0]
+        if rows_bad.numel():
+            db, mb = delta[rows_bad], moved[rows_bad]
+            single = db * grad[rows_bad] + 0.5 * self.curvature[rows_bad] * db * db  # exact change of one move alone
+            single.masked_fill_(~mb, float("inf"))
+            best, best_j = single.min(dim=1)
+            keep = best < 0
             moved[rows_bad] = False
-            rows_one = rows_bad[keep[rows_bad]]
-            j_one = best_j[rows_one]
+            rows_one, j_one = rows_bad[keep], best_j[keep]
             moved[rows_one, j_one] = True
             d_h[rows_bad] = 0  # the bad rows' share of D H is now that of their single move: one row of H
             d_h[rows_one] = delta[rows_one, j_one][:, None] * self.h[self.in_group[rows_one], j_one]
             r, j = moved.nonzero(as_tuple=True)
-        self.move(torch.where(moved, new, self.idx), r, j, d_h)
-        self.ema[moved] = 0
+        self.move(torch.where(moved, target, self.idx), r, j, d_h)
+        self.ema.masked_fill_(moved, 0)
 
     def ste_moves(self) -> None:
         """Plain straight-through (ablation): latent weights follow the gradient; index = nearest codeword."""
@@ -384,12 +398,17 @@ def jlcm_learn(w: torch.Tensor, stats: LayerStats, idx: torch.Tensor, row_group:
     """
     learner = _JointLearner(w, stats, idx, row_group, tables, unit, config, shared, max_basis)
     best_loss, best = float("inf"), learner.snapshot()
+    bests: list[float] = []  # best loss so far, after every step
     for step in range(config.calib_steps):
         loss = learner.loss()
         if history is not None:
             history.append(loss)
         if loss < best_loss:
             best_loss, best = loss, learner.snapshot()
+        bests.append(best_loss)
+        patience = config.converge_steps
+        if patience and step >= patience and bests[-1 - patience] - best_loss <= config.converge_tol * best_loss:
+            break  # converged: the best loss moved less than converge_tol over the last converge_steps steps
         learner.codebook_step(learner.grad())
         if learner.basis is not None and step % 50 == 49:
             learner.basis = _basis(learner.idx, learner.h, learner.k)  # drop the drift of incremental updates

@@ -2,11 +2,12 @@
 
 Sensitivity: each layer alone is quantized (the method's data-free form: k-means per group for jlcm) at
 every allowed width, and the relative error it causes on the model's outputs over a few calibration
-inputs is measured (8 bits is taken as lossless, error 0, to save a forward pass per layer). Errors are
-taken as additive across layers. Allocation is greedy by benefit per bit:
-every layer starts at the fewest bits; the upgrade (to any wider choice) with the largest error drop per
-stored bit is taken while it fits the budget. Costs are exact stored bits (indices, codebooks, scales,
-row maps), and the budget counts every other parameter of the model as stored.
+inputs is measured (8 bits is taken as lossless, error 0, to save a forward pass per layer); layers go in
+call order and the modules before the perturbed one replay their recorded outputs (calibration.Replay), so
+each pass runs the model from that layer on. Errors are taken as additive across layers. Allocation is
+greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (to any wider choice) with
+the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
+(indices, codebooks, scales, row maps), and the budget counts every other parameter of the model as stored.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.quant.calibration import Site, model_outputs, no_fastpath
+from compress.quant.calibration import Replay, Site, call_name, model_outputs, no_fastpath
 from compress.quant.formats import decode, storage_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
@@ -31,9 +32,15 @@ def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.T
 
 
 @torch.no_grad()
-def _run(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
-    with no_fastpath():
-        return [model_outputs(model(b)) for b in batches]
+def _run(model: nn.Module, batches: list[Any], replay: Replay | None = None,
+         cutoff: float = 0.0) -> list[list[torch.Tensor]]:
+    def forward(batch: Any) -> list[torch.Tensor]:
+        with torch.no_grad(), no_fastpath():
+            return model_outputs(model(batch))
+
+    if replay is None:
+        return [forward(b) for b in batches]
+    return [replay.run(i, cutoff, lambda b=b: forward(b)) for i, b in enumerate(batches)]
 
 
 @torch.no_grad()
@@ -42,19 +49,23 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """name -> bits -> {"error": model output error with only this layer quantized, "bits": stored bits}."""
     quick = config.quick()
+    # layers are perturbed in call order, so the modules that return before a layer's first call replay their
+    # outputs of the passes before: each pass runs the model from the perturbed layer on
+    replay = Replay(model, batches[0], getattr(config, "replay_mb", 0) << 20) if batches else None
     reference = _run(model, batches)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for i, site in enumerate(sites):
         param = site.weight
         original = param.data.clone()
         out[site.name] = {}
+        cutoff = replay.cutoff([call_name(site)]) if replay is not None else 0.0
         for bits in choices:
             layout, buffers = method.fn(original, None, bits, quick)
             if bits >= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue
             param.data.copy_(decode(layout, buffers).to(param.dtype))
-            out[site.name][bits] = {"error": output_error(_run(model, batches), reference),
+            out[site.name][bits] = {"error": output_error(_run(model, batches, replay, cutoff), reference),
                                     "bits": float(storage_bits(layout))}
         param.data.copy_(original)
         if progress is not None:

@@ -40,6 +40,8 @@ class QuantConfig(Config):
                         "quantized so far (more: fewer passes, but a window's layers miss each other's errors)")
     cache_mb: int = Field(256, ge=0, description="sequential: memory for the float model's inputs of upcoming "
                           "layers, caught in one pass (more: fewer float passes)")
+    replay_mb: int = Field(512, ge=0, description="memory for recorded module outputs, per model copy, so that a "
+                           "calibration pass only runs the model from where the last one stopped (0: off)")
     seed: int = Field(0, description="seed of the position sampling")
 
     @model_validator(mode="after")

@@ -47,3 +47,99 @@ def test_cached_float_inputs_give_the_same_statistics() -> None:
 def test_name_patterns() -> None:
     assert matches("head.fc", ["head.*"]) and matches("blocks.3.conv", [r"re:blocks\.\d+\.conv"])
     assert not matches("blocks.3.conv.bn", [r"re:blocks\.\d+\.conv"]) and matches("stem", ["stem"])
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.conv2(self.act(self.conv1(x)))
+        out += identity
+        return self.act(out)
+
+
+class _Mutate(nn.Module):
+    """Changes its input in place and returns something else: replaying it would skip the change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(0.5)
+        return x.mean(dim=1, keepdim=True)
+
+
+class _Awkward(nn.Module):
+    """Residuals, in-place activations, a module called twice, one that mutates its input, one called a
+    number of times that depends on the batch, and a tuple-returning submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.block1, self.block2 = _Block(8), _Block(8)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.mutate = _Mutate()
+        self.dynamic = nn.Hardswish()
+        self.split = nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        repeats = 1 + int(float(x.detach().mean()) > 0.5)
+        x = self.stem(x)
+        skip = x
+        x = self.block1(x)
+        x = self.shared(self.shared(x))
+        x = x + self.mutate(x)
+        for _ in range(repeats):
+            x = self.dynamic(x)
+        a, b = self.split(x).chunk(2, dim=1)
+        x = self.block2(a * torch.sigmoid(b)) + skip
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_replay_gives_the_same_quantized_model_and_skips_work() -> None:
+    import copy
+
+    import compress.quant as cq
+
+    torch.manual_seed(0)
+    model = _Awkward().eval()
+    with torch.no_grad():
+        model.stem[1].running_mean.uniform_(-0.2, 0.2)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.rand(4, 3, 10, 10, generator=gen) * s for s in (0.2, 3.0, 0.5)]
+    results = {}
+    for replay_mb in (0, 64):
+        quantized = copy.deepcopy(model)
+        calls = [0]
+        quantized.stem[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        cq.quantize(quantized, batches, method="jlcm", bits=2.5, calib_steps=5, groups=2, replay_mb=replay_mb)
+        results[replay_mb] = (quantized, calls[0])
+    (plain, plain_calls), (replayed, replayed_calls) = results[0], results[64]
+    assert [e["error"] for e in plain.quantization_plan["layers"]] == \
+        [e["error"] for e in replayed.quantization_plan["layers"]]
+    assert [e["sensitivity"] for e in plain.quantization_plan["layers"]] == \
+        [e["sensitivity"] for e in replayed.quantization_plan["layers"]]
+    x = torch.rand(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(plain(x), replayed(x))
+    assert replayed_calls < plain_calls / 2, f"the stem ran {replayed_calls} times with replay, {plain_calls} without"
+
+
+def test_replay_within_a_tiny_budget_stays_exact() -> None:
+    from compress.quant.calibration import Replay
+
+    torch.manual_seed(0)
+    model = _Awkward().eval()
+    batches = [torch.rand(4, 3, 10, 10) for _ in range(3)]
+    sites, counts = call_order(model, find_sites(model), batches[0])
+    for budget in (0, 3000, 1 << 20):
+        replay = Replay(model, batches[0], budget)
+        for site in sites:
+            direct = collect_stats(model, model, [site], batches, counts, 40, seed=2)
+            replayed = collect_stats(model, model, [site], batches, counts, 40, seed=2, replay=replay)
+            assert direct.keys() == replayed.keys()
+            for name in direct:
+                assert torch.equal(direct[name].H, replayed[name].H), (budget, name)
+        assert replay.used <= budget

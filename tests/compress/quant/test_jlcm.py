@@ -114,3 +114,19 @@ def test_depthwise_rows_of_nine_work_where_per_row_rtn_cannot() -> None:
     assert jlcm4_err < 0.2 * rtn_err, f"4-bit jlcm {jlcm4_err:.4f} ({jlcm4_bits:.2f} b/w), rtn {rtn_err:.4f} ({rtn_bits:.2f})"
     kmeans_bits, kmeans_err = run(encode_kmeans(w, 3))
     assert jlcm3_err < 0.7 * kmeans_err, f"one codebook for all channels fails on spread scales ({kmeans_err:.4f})"
+
+
+def test_learning_stops_early_once_converged() -> None:
+    w, stats = _layer(rows=32, cols=48, samples=512, seed=4)
+    rows, cols = w.shape
+    groups, _ = group_rows(w.std(dim=1), 4)
+    tables = torch.stack([kmeans_1d(w[groups == g], 4) for g in range(4)])
+    idx = nearest_rows(w, tables[groups])
+    unit = torch.stack([w[groups == g].std() for g in range(4)])
+    full: list[float] = []
+    short: list[float] = []
+    *_, loss_full = jlcm_learn(w, stats, idx, groups, tables, unit, JLCMConfig(bits=2, calib_steps=300), history=full)
+    *_, loss_short = jlcm_learn(w, stats, idx, groups, tables, unit,
+                                JLCMConfig(bits=2, calib_steps=300, converge_steps=20, converge_tol=1e-3), history=short)
+    assert len(full) == 300 and 20 < len(short) < 300, len(short)
+    assert loss_short <= full[0] and loss_short < 1.1 * loss_full

@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.recipe import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.integration
+def test_bench_quant_benchmarks_a_stage_of_a_run_dir(tiny_recipe_path: Path, tmp_path: Path) -> None:
+    from compress.pipeline import run
+
+    data = yaml.safe_load(tiny_recipe_path.read_text())
+    data["stages"] = [{"finetune": {"epochs": 1, "lr": 3.0e-3, "warmup_epochs": 0}}]
+    report = run(parse_recipe(data), tmp_path / "run")
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_quant.py"), "--run-dir", str(tmp_path / "run"),
+                           "--stage", "finetune", "--methods", "rtn", "--bits", "4", "--mixed", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows["metric"] == "top1" and rows["stage"] == "finetune"
+    assert [r["method"] for r in rows["rows"]] == ["float", "rtn"]
+    # the float row is the stage's own evaluation: the pipeline's task and val split
+    assert rows["rows"][0]["top1"] == pytest.approx(report["stages"][0]["metrics"]["top1"])
+    assert 4 < rows["rows"][1]["bpw"] < 5
+    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_quant.py"), "--run-dir",
+                              str(tmp_path / "run"), "--stage", "distill"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode != 0 and "no checkpoint of stage 'distill'" in missing.stderr

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -39,3 +40,15 @@ def tiny_recipe_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_CLS_RECIPE)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors on a shared 2-core machine: one torch thread avoids two contending for a core (small
+    matmuls get ~50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from compress.distill.stage import AttentionConfig
 from compress.pipeline import run
 from compress.recipe import parse_recipe
 
@@ -48,8 +49,8 @@ def main() -> None:
     train = {k: v for k, v in distill_cfg.items() if k not in ("teacher", "attention", "output_kd")}
     attention = json.loads(json.dumps(distill_cfg.get("attention", {})))
     if args.attention_scale != 1.0:
-        attention["weights"] = {role: w * args.attention_scale for role, w in attention.get(
-            "weights", {"backbone": 1e6, "neck": 1e4, "coarsest": 1e3}).items()}
+        weights = attention.get("weights", AttentionConfig().weights)
+        attention["weights"] = {role: w * args.attention_scale for role, w in weights.items()}
     off = {"weights": {"backbone": 0.0, "neck": 0.0, "coarsest": 0.0}}
     variants: dict[str, dict[str, Any]] = {
         "finetune": {"finetune": train},

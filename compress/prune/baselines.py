@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 
 from compress.prune.config import ScopeConfig
-from compress.prune.core import PruneResult, analyze_scope, measure, remove_units
+from compress.prune.core import PruneResult, measure, prepare, remove_units
 from compress.prune.graph import Analysis, Unit
 from compress.prune.manifest import make_manifest, snapshot
 from compress.prune.masks import apply_balance, apply_floor, floor_count, top_k
 from compress.prune.search import CostModel
-from compress.prune.trace import PruneError, as_batch
+from compress.prune.trace import PruneError
 
 
 @torch.no_grad()
@@ -64,14 +64,7 @@ def uniform_magnitude_prune(model: nn.Module, example_input: Any, target: dict[s
                             scope: ScopeConfig | None = None, log: Callable[[str], None] = print,
                             iterations: int = 30) -> PruneResult:
     """Prune every unit by the same ratio, the smallest that removes at least `target[m]` of each metric m."""
-    x = as_batch(example_input)
-    was_training = model.training
-    model.eval()
-    before = measure(model, x)
-    analysis = analyze_scope(model, x, scope)
-    units = analysis.prunable_units()
-    if not units:
-        raise PruneError(f"{type(model).__name__}: no prunable channels")
+    x, was_training, before, analysis, units = prepare(model, example_input, scope)
     importance = [magnitude_importance(analysis, u) for u in units]
     floors = [floor_count(u.size) for u in units]
     cost = CostModel(analysis, units)

@@ -58,18 +58,26 @@ def measure(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     return {"params": float(sum(p.numel() for p in model.parameters())), "macs": float(macs)}
 
 
-def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print) -> PruneResult:
-    """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used."""
+def prepare(model: nn.Module, example_input: Any, scope: ScopeConfig | None
+            ) -> tuple[torch.Tensor, bool, dict[str, float], Analysis, list[Unit]]:
+    """Put `model` in eval mode and analyse it: (batch, was_training, figures before, analysis, prunable units);
+    a model with nothing to prune is refused with the reasons."""
     x = as_batch(example_input)
     was_training = model.training
     model.eval()
-    before_figures = measure(model, x)
-    analysis = analyze_scope(model, x, config)
+    before = measure(model, x)
+    analysis = analyze_scope(model, x, scope)
     units = analysis.prunable_units()
     if not units:
         reasons = sorted({u.reason or "" for u in analysis.units})
         raise PruneError(f"{type(model).__name__}: no prunable channels ("
                          + ("; ".join(reasons[:5]) or "no conv or linear layers") + ")")
+    return x, was_training, before, analysis, units
+
+
+def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print) -> PruneResult:
+    """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used."""
+    x, was_training, before_figures, analysis, units = prepare(model, example_input, config)
     decider = Decider(units, config.vote, config.floor_share, config.floor_min)
     if config.target is not None:
         cost = CostModel(analysis, units)

@@ -2,17 +2,9 @@
 threads contending for a core make small matmuls ~50x slower."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_thread(one_thread) -> None:
+    """Every test here runs with the shared `one_thread` fixture (tests/conftest.py)."""

@@ -99,20 +99,7 @@ def canonical_safetensors(data: bytes) -> bytes:
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically (temp file, fsync, rename), readable by all (0644), byte-identical
     for identical inputs (see `canonical_safetensors`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = canonical_safetensors(save(tensors, metadata=metadata))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), canonical_safetensors(save(tensors, metadata=metadata)))
 
 
 def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], model_meta: dict[str, Any]) -> None:

@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from torch.utils.data import Dataset
 
 from calib.errors import DataError
+from compress.registry import Registry, did_you_mean
 
 SPLITS = ("train", "val", "calib")
 
-_SOURCES: dict[str, Callable[..., Dataset]] = {}
+_SOURCES: Registry[Callable[..., Dataset]] = Registry("data source", error=DataError, duplicate_error=DataError)
 F = TypeVar("F", bound=Callable[..., Dataset])
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """Return "; did you mean 'x'?" for the closest choice, or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def register_source(name: str) -> Callable[[F], F]:
     """Register a dataset factory under `name`; its keyword parameters become the source's options."""
 
     def decorator(factory: F) -> F:
-        if name in _SOURCES:
-            raise DataError(f"data source '{name}' is already registered (by {_SOURCES[name].__module__})")
         params = inspect.signature(factory).parameters
         if "split" not in params:
             raise DataError(f"data source '{name}': factory {factory.__qualname__} must take a 'split' argument")
-        _SOURCES[name] = factory
+        _SOURCES.add(name, factory)
         return factory
 
     return decorator
@@ -41,7 +33,7 @@ def register_source(name: str) -> Callable[[F], F]:
 
 def list_sources() -> list[str]:
     """Names of every registered data source, sorted."""
-    return sorted(_SOURCES)
+    return _SOURCES.names()
 
 
 def source_options(source: str) -> list[str]:
@@ -76,9 +68,4 @@ def get_dataset(source: str, split: str, root: str | Path | None = None, **optio
 
 
 def _lookup(source: str) -> Callable[..., Dataset]:
-    if source not in _SOURCES:
-        raise DataError(
-            f"unknown data source '{source}'; known sources: {', '.join(list_sources())}"
-            + did_you_mean(str(source), _SOURCES)
-        )
-    return _SOURCES[source]
+    return _SOURCES.lookup(source)

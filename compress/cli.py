@@ -212,7 +212,7 @@ def _load_any(spec: str, num_classes: int):
     if spec.endswith(".safetensors"):
         if not Path(spec).is_file():
             raise UserError(f"{spec}: file not found")
-        from compress.checkpoint import load_model
+        from compress.format.checkpoint import load_model
 
         return load_model(spec)[0]
     from compress.models import build_model
@@ -332,12 +332,12 @@ def eval_(
 
 def _load_for_eval(path: Path) -> tuple[Any, dict[str, Any]]:
     """(model, manifest) of an artifact, or of a stage checkpoint of a run (task inferred from the model)."""
-    from compress.artifact import ArtifactError, load, read_artifact
+    from compress.format.artifact import ArtifactError, load, read_artifact
 
     try:
         _, manifest = read_artifact(path)
     except ArtifactError:
-        from compress.checkpoint import load_model, read_metadata
+        from compress.format.checkpoint import load_model, read_metadata
 
         try:
             read_metadata(path)

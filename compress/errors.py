@@ -1,8 +1,7 @@
 """Errors a user can fix: the CLI prints their message in one line and exits with code 2."""
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from compress.registry import did_you_mean, unknown_choice  # noqa: F401  (re-exported: errors name choices)
 
 
 class UserError(ValueError):
@@ -17,13 +16,6 @@ class RunDirError(UserError):
     """The run directory is in a state that the requested command cannot use."""
 
 
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return "; did you mean 'x'?" for the closest choice, or "" when none is close."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> str:
-    """Message for a value outside a known set: names it, suggests the closest, lists all."""
-    choices = sorted(str(c) for c in choices)
-    return f"unknown {kind} '{value}'{did_you_mean(value, choices)} (known: {', '.join(choices)})"
+class PruneError(UserError):
+    """A model (or one of its layers) that cannot be pruned as asked, or a shape manifest that does not fit it;
+    the message names the layer."""

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset, Subset
 
-from compress.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from compress.format.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
 from compress.errors import RunDirError, UserError
 from compress.evaluate import measure
 from compress.recipe import Recipe
@@ -57,6 +57,7 @@ class RunContext:
     stage_metrics: dict[str, float] = field(default_factory=dict)
     finished: list[dict[str, Any]] = field(default_factory=list)  # report entries of the stages done so far
     file_overhead_bytes: int = 0  # bytes a stage's output file holds beyond the tensors (artifact header)
+    teacher: nn.Module | None = None  # the unpruned model, when the caller keeps it in memory (compress shrink)
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 
     @property
@@ -70,6 +71,10 @@ class RunContext:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def model_spec(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild the stock model (the weights come from the file itself)."""
+        return model_spec(self.recipe)
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.run_dir / "stages" / f"{index + 1:02d}-{name}"

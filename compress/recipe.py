@@ -6,24 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compress.config import Config, format_validation_error
 from compress.errors import RecipeError, unknown_choice
-
-
-class Config(BaseModel):
-    """Base of every recipe section: frozen, unknown keys refused with a did-you-mean."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise ValueError(unknown_choice("field", key, cls.model_fields))
-        return data
 
 
 class ModelConfig(Config):
@@ -133,19 +119,8 @@ def _parse_stage(index: int, entry: Any) -> StageEntry:
     try:
         config = STAGES[name].config_cls.model_validate(body or {})
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(exc, prefix=f"stages.{index}.{name}")) from None
+        raise RecipeError(format_validation_error(exc, prefix=f"stages.{index}.{name}")) from None
     return StageEntry(name=name, config=config)
-
-
-def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
-        lines.append(f"{loc or 'recipe'}: {msg}{shown}")
-    return "; ".join(lines)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -185,7 +160,7 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             data["stages"] = [_parse_stage(i, entry) for i, entry in enumerate(data["stages"])]
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {_format_validation_error(exc)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
 

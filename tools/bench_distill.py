@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from compress.distill.stage import AttentionConfig
+from compress.stages.distill import AttentionConfig
 from compress.pipeline import run
 from compress.recipe import parse_recipe
 

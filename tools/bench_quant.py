@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import compress.quant as cq
 from calib import get_dataset
 from compress.models import build_model
-from compress.quant.calibration import model_outputs
+from compress.models.protocol import float_outputs as model_outputs
 
 
 def tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +108,7 @@ def digits_bench(args: argparse.Namespace) -> Bench:
 
 def run_bench(args: argparse.Namespace) -> Bench:
     """The checkpoint of stage `args.stage` of the run `args.run_dir`, with its recipe's task and data."""
-    from compress.checkpoint import load_model
+    from compress.format.checkpoint import load_model
     from compress.pipeline import RunContext, make_accelerator
     from compress.recipe import load_recipe
     from compress.tasks import get_task

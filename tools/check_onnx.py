@@ -68,7 +68,7 @@ def main() -> None:
 
     import compress
     from calib import get_dataset
-    from compress.artifact import read_artifact
+    from compress.format.artifact import read_artifact
     from compress.onnx import export_onnx
     from compress.tasks import get_task
 

@@ -1,7 +1,7 @@
 """Kernels for codebook-quantized weights: dequantize, and a fused dequant-GEMV/GEMM for Linear at small batch.
 
 `dequantize` / `quantized_linear` run the Triton kernels on CUDA tensors and the torch references on CPU
-(`compress.kernels.dispatch`); `codebook_kernel_args` maps a stored layout (`compress.quant.formats`) to their
+(`compress.kernels.dispatch`); `codebook_kernel_args` maps a stored layout (`compress.format.weights`) to their
 arguments. The backend is picked per call, or process-wide by `set_backend` / `kernel_backend` / the
 environment variable COMPRESS_KERNELS=auto|torch|triton (see `dispatch`). The Triton modules (`triton_dequant`,
 `triton_gemv`, `triton_common`) import triton and are only imported on the Triton path: importing this package

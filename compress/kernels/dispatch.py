@@ -8,10 +8,10 @@
 - "triton" / "torch": that one (torch = `torch_dequant.dequantize_torch`, table-driven, + F.linear).
 A call's `backend="auto"` defers to the process-wide setting: `set_backend(name)` / `with kernel_backend(name):`,
 else the environment variable COMPRESS_KERNELS=auto|torch|triton, else "auto" as above (`configured_backend`).
-The quantized layers (`compress.quant.layers`) follow the same setting.
+The quantized layers (`compress.format.layers`) follow the same setting.
 Triton is imported here only inside the Triton path, so `import compress.kernels` never imports it.
 
-`codebook_kernel_args(layout, buffers)` turns a `compress.quant.formats` "codebook" layout and its tensors into
+`codebook_kernel_args(layout, buffers)` turns a `compress.format.weights` "codebook" layout and its tensors into
 these arguments (scale and offset folded into fp32 codebooks, the row map into a group per row).
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from compress.format.packing import pack_indices, unpack_indices
+from compress.format.weights import matrix_shape, row_groups
 from compress.kernels.reference import check_quantized
 from compress.kernels.torch_dequant import dequantize_torch
 
@@ -176,7 +178,7 @@ def fused_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
 
 
 def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Arguments of `dequantize` / `quantized_linear` for a "codebook" layout of `compress.quant.formats`.
+    """Arguments of `dequantize` / `quantized_linear` for a "codebook" layout of `compress.format.weights`.
 
     Returns {packed, codebooks, bits, cols, groups}: codebooks are the stored fp16 ones when the layout has
     per-group codebooks and no scale or offset, else fp32 [G, 2^b] with base * scale + offset folded in (the
@@ -184,17 +186,13 @@ def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor
     row map, or None when every row reads codebook 0 or row r reads codebook r. Small tensor ops only: cache
     the result while the buffers do not change. The matrix is [rows, cols]; reshape to layout["shape"].
     """
-    from compress.quant.formats import matrix_shape, row_groups  # compress.quant imports triton (via timm)
-
     if layout["format"] != "codebook":
         raise ValueError(f"no kernel for the '{layout['format']}' format (kernels: codebook); "
-                         "decode it with compress.quant.formats.decode")
+                         "decode it with compress.format.weights.decode")
     rows, cols = matrix_shape(layout["shape"])
     bits, kind = layout["bits"], layout["codebook"]
     packed = buffers["packed"]
     if layout.get("packing", "rows") == "flat":  # short rows are stored as one flat stream: kernels want rows
-        from compress.quant.packing import pack_indices, unpack_indices
-
         packed = pack_indices(unpack_indices(packed, bits, rows * cols).reshape(rows, cols), bits)
     if kind == "grid":
         base = torch.arange(1 << bits, dtype=torch.float32, device=packed.device)[None, :]

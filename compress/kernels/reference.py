@@ -2,7 +2,7 @@
 
 A quantized matrix W [rows, cols] (a conv weight [c_out, c_in/g, kh, kw] is c_out rows of c_in/g*kh*kw) is
 - `packed`: uint8 [rows, packed_cols(cols, bits)], the codebook indices packed along the columns
-  (layout: `compress.quant.packing`; 3 bits = a 2-bit plane then a 1-bit plane);
+  (layout: `compress.format.packing`; 3 bits = a 2-bit plane then a 1-bit plane);
 - `codebooks`: float [G, 2**bits], one codebook per group of rows (fp16 as stored; fp32 when a scale or
   offset has been folded in, see `compress.kernels.codebook_kernel_args`);
 - the group of each stored row, one of
@@ -21,24 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from compress.format.packing import bit_planes, packed_cols
+
 __all__ = ["check_quantized", "row_groups_of", "unpack_ref", "dequantize_ref", "gemv_ref", "bit_planes",
            "packed_cols"]
-
-
-# The layout of compress.quant.packing, restated (tests check it against pack_indices): importing that module
-# runs compress/quant/__init__, which imports torch_pruning -> timm -> torch._dynamo -> triton.
-def bit_planes(bits: int) -> list[int]:
-    """Widths of the planes a `bits`-wide index is stored in, lowest bits first (3 -> [2, 1], 7 -> [4, 2, 1])."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8 (got {bits})")
-    if bits in (1, 2, 4, 8):
-        return [bits]
-    return [w for w in (4, 2, 1) if bits & w]
-
-
-def packed_cols(cols: int, bits: int) -> int:
-    """Bytes a row of `cols` indices takes at `bits` (each plane padded to whole bytes)."""
-    return sum(-(-cols // (8 // w)) for w in bit_planes(bits))
 
 
 def check_quantized(packed: torch.Tensor, codebooks: torch.Tensor, bits: int, cols: int,

@@ -15,28 +15,23 @@ from pathlib import Path
 from torch import nn
 
 from compress.errors import UserError, unknown_choice
+from compress.registry import Registry
 
 Builder = Callable[..., nn.Module]
 
 PREFIXES = ("compress", "timm", "torchvision", "file")
 
-_REGISTRY: dict[str, Builder] = {}
-
-
 class ModelSpecError(UserError):
     """A model spec that cannot be built: bad prefix, unknown name, missing file or function."""
+
+
+_REGISTRY: Registry[Builder] = Registry("compress model", error=ModelSpecError)
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
     """Decorator registering `fn(num_classes, **kw) -> nn.Module` as `compress:<name>`; names are unique."""
 
-    def decorator(fn: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model 'compress:{name}' is already registered (by {_REGISTRY[name].__module__})")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _REGISTRY.register(name)
 
 
 def registered_models() -> list[str]:

@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, generalized_box_iou_loss
 
 CENTRE_RADIUS = 2.5  # in strides
 BOX_WEIGHT = 2.0
@@ -141,6 +140,8 @@ def detection_loss(
 
     pos_boxes = boxes[batch_idx, point_idx]  # [Npos, 4]
     if point_idx.numel():
+        from torchvision.ops import generalized_box_iou_loss  # torchvision loads torch._dynamo: only when training
+
         loss_box = generalized_box_iou_loss(pos_boxes, gt_boxes, reduction="sum") / num_pos
     else:
         loss_box = boxes.sum() * 0.0  # keeps the graph connected
@@ -186,6 +187,8 @@ def postprocess(
             idx = idx[flat[idx].topk(PRE_NMS_TOPK).indices]
         point, label = idx // num_classes, idx % num_classes
         det_boxes, det_scores = boxes[b, point], flat[idx]
+        from torchvision.ops import batched_nms
+
         keep = batched_nms(det_boxes, det_scores, label, iou_threshold)[:max_det]
         results.append({"boxes": det_boxes[keep], "scores": det_scores[keep], "labels": label[keep]})
     return results

@@ -1,4 +1,4 @@
-"""A traceable twin of `compress.quant.formats.decode`: what the ONNX graph computes from the stored tensors.
+"""A traceable twin of `compress.format.weights.decode`: what the ONNX graph computes from the stored tensors.
 
 `decode` in formats.py is written for eager PyTorch; this version computes exactly the same float32 weight
 (the tests check bit equality) but only with operations that the TorchScript ONNX exporter turns into a
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.quant.formats import DOUBLE_QUANT_BLOCK, NF4_TABLE, _dynamic_map, matrix_shape
-from compress.quant.packing import bit_planes
+from compress.format.weights import DOUBLE_QUANT_BLOCK, NF4_TABLE, _dynamic_map, matrix_shape
+from compress.format.packing import bit_planes
 
 __all__ = ["BITOPS_MIN_OPSET", "decode_traceable", "graph_tensors", "unpack_traceable"]
 
@@ -49,7 +49,7 @@ def _unpack_plane(packed: torch.Tensor, rows: int, nbytes: int, width: int, cols
 
 
 def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bitops: bool) -> torch.Tensor:
-    """Inverse of `compress.quant.packing.pack_indices`: uint8 [rows, packed_cols] -> int64 [rows, cols]."""
+    """Inverse of `compress.format.packing.pack_indices`: uint8 [rows, packed_cols] -> int64 [rows, cols]."""
     planes = bit_planes(bits)
     if planes == [8]:
         return packed.to(torch.int64)
@@ -88,7 +88,7 @@ def graph_tensors(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> d
     """
     if layout.get("format") != "codebook" or layout.get("row_map") not in ("group-ids", "order"):
         return dict(buffers)
-    from compress.quant.formats import row_groups
+    from compress.format.weights import row_groups
 
     out = {k: v for k, v in buffers.items() if k not in ("group_ids", "order")}
     out["row_group"] = row_groups(layout, buffers).to(_group_dtype(layout["groups"]))

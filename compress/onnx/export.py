@@ -67,7 +67,7 @@ def _require_onnx() -> Any:
 
 def _manifest(path: Path) -> dict[str, Any]:
     """The manifest from the header alone (compress.load has validated the whole file before)."""
-    from compress.artifact.io import _decode_manifest
+    from compress.format.artifact import _decode_manifest
 
     with path.open("rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -97,8 +97,8 @@ def _onnx_class(cls: type) -> type:
 
 def _prepare_quantized(model: nn.Module, path: str | Path, bitops: bool) -> dict[str, nn.Module]:
     """Check every quantized layer's traceable decoding against `formats.decode`, then switch the layer to it."""
-    from compress.quant.formats import decode
-    from compress.quant.layers import quantized_modules
+    from compress.format.weights import decode
+    from compress.format.layers import quantized_modules
 
     classes: dict[type, type] = {}
     layers = quantized_modules(model)
@@ -361,13 +361,13 @@ def export_onnx(artifact: str | Path, out: str | Path, *, dense: bool = False, o
     Returns {"path", "bytes", "artifact_bytes", "ratio", "opset", "dense", "quantized_layers", "outputs"}.
     """
     _require_onnx()
-    import compress
+    from compress.format.artifact import load
 
     artifact = Path(artifact)
     opset = _check_opset(opset)
     if Path(out).resolve() == artifact.resolve():
         raise OnnxExportError(f"{artifact}: the ONNX output path is the artifact itself; choose another path")
-    model = compress.load(artifact, materialize=dense)
+    model = load(artifact, materialize=dense)
     manifest = _manifest(artifact)
     size = manifest.get("image_size")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from compress.prune.groups import matches
+from compress.prune.units import Carrier, Member, Unit
 
 
 def _layout_problem(attn: nn.Module) -> str | None:
@@ -46,8 +47,6 @@ def head_rows(attn: nn.Module, heads: list[int]) -> tuple[np.ndarray, np.ndarray
 
 def head_units(model: nn.Module, attentions: dict[str, nn.Module], ignore: list[re.Pattern]) -> list:
     """One "heads" unit per attention block (elements = heads)."""
-    from compress.prune.graph import Carrier, Member, Unit
-
     units = []
     for name, attn in attentions.items():
         prefix = f"{name}." if name else ""

@@ -19,10 +19,10 @@ import torch.nn as nn
 from compress.prune.config import ScopeConfig
 from compress.prune.core import PruneResult, measure, prepare, remove_units
 from compress.prune.graph import Analysis, Unit
-from compress.prune.manifest import make_manifest, snapshot
+from compress.format.prune_manifest import make_manifest, snapshot
 from compress.prune.masks import apply_balance, apply_floor, floor_count, top_k
 from compress.prune.search import CostModel
-from compress.prune.trace import PruneError
+from compress.errors import PruneError
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.prune.groups import compile_pattern
-from compress.recipe import Config
+from compress.config import Config
 
 
 class ScopeConfig(Config):

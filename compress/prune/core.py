@@ -27,10 +27,11 @@ from compress.prune.config import PruneConfig, ScopeConfig
 from compress.prune.fold import fold_removed
 from compress.prune.graph import Analysis, Unit, analyze, sync_split_sizes
 from compress.prune.groups import GroupAssigner, ratio_for
-from compress.prune.manifest import make_manifest, snapshot
+from compress.format.prune_manifest import make_manifest, snapshot
 from compress.prune.masks import Decider
 from compress.prune.search import CostModel, search_ratios
-from compress.prune.trace import PruneError, RawForward, as_batch, flat_tensors, raw_forward
+from compress.errors import PruneError
+from compress.models.protocol import RawForward, as_batch, flat_tensors, raw_forward
 
 Log = Callable[[str], None]
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch_pruning.ops import OPTYPE
 
 from compress.prune.graph import Analysis, Member, Unit
-from compress.prune.trace import raw_forward
+from compress.models.protocol import raw_forward
 
 
 def _removed_locals(keep: np.ndarray, member: Member) -> np.ndarray:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,59 +38,16 @@ from torch_pruning import ops
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from compress.prune.groups import GroupAssigner, compile_pattern, matches
-from compress.prune.trace import LayerInfo, OpRecords, raw_forward, record_ops, trace_layers
+from compress.models.protocol import raw_forward
+from compress.prune.trace import LayerInfo, OpRecords, record_ops, trace_layers
+from compress.prune.units import Carrier, Member, Unit
+from compress.prune.attention import head_units
 
 OT = ops.OPTYPE
 MIXING = {OT.CONV, OT.LINEAR, OT.MHA, OT.LSTM, OT.EMBED}
 WEIGHTED = {OT.CONV, OT.DEPTHWISE_CONV, OT.LINEAR, OT.BN, OT.LN, OT.GN, OT.IN, OT.PRELU, OT.EMBED,
             OT.PARAMETER, OT.MHA, OT.LSTM}
 CHANNEL_STATS = {OT.LN, OT.GN, OT.MHA, OT.LSTM}  # removal changes what the remaining channels compute
-
-
-@dataclass
-class Member:
-    module: str
-    dim: str  # "out" or "in"
-    local: np.ndarray  # int64 [m] indices along the module's dim
-    root: np.ndarray  # int64 [m] unit element of each local index
-    optype: int = -1
-
-    def counts(self, size: int) -> np.ndarray:
-        """Local indices per unit element: int64 [size]."""
-        return np.bincount(self.root, minlength=size)
-
-
-@dataclass
-class Carrier:
-    """A source of importance scores for some elements of a unit."""
-
-    name: str  # the BN (gamma) or the producing conv / linear (magnitude) module
-    kind: str  # "gamma" | "magnitude"
-    roots: np.ndarray  # int64 [k] unit elements it scores (unique)
-    locals: list[np.ndarray]  # per element, the local indices in the carrier module
-    stride: int | None = None
-    group: str = ""
-    score: np.ndarray | None = None  # float64 [k], filled by `score_carriers`
-
-
-@dataclass
-class Unit:
-    name: str
-    kind: str  # "channels" | "heads"
-    size: int
-    members: list[Member]
-    carriers: list[Carrier]
-    ties: np.ndarray | None = None  # int64 [size] class of each element, or None
-    balance: list[np.ndarray] = field(default_factory=list)  # each int64 [parts, part_size] of elements
-    reason: str | None = None
-    exact: bool = True  # removal can be checked exactly against a masked copy
-    root_module: nn.Module | None = None
-    root_fn: Callable | None = None
-    attention: str | None = None  # for "heads" units: the attention module's name
-
-    @property
-    def prunable(self) -> bool:
-        return self.reason is None
 
 
 @dataclass
@@ -414,8 +371,6 @@ def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> Any:
 def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), protect_outputs: bool = True,
             assigner: GroupAssigner | None = None) -> Analysis:
     """Trace `model` on `x` (a batch) and find its units, their carriers and their groups."""
-    from compress.prune.attention import head_units
-
     assigner = assigner or GroupAssigner()
     layers = trace_layers(model, x)
     graph, records, split_problems = build_graph(model, x)

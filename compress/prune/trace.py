@@ -21,72 +21,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from compress.errors import UserError
-
-
-class PruneError(UserError):
-    """A model (or one of its layers) that cannot be pruned as asked; the message names the layer."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# The forward used for tracing: plain tensors in, plain tensors out.
-
-
-def is_torchvision_detector(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("torchvision.models.detection")
-
-
-def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
-    """Forward `x [B, 3, H, W]` through the layers that carry weights, returning tensors (no post-processing).
-
-    torchvision detectors take a list of images, resize them and return boxes after NMS, which hides the
-    layers from a trace; here they run backbone + head on the batch directly (their raw maps).
-    """
-    if is_torchvision_detector(model):
-        if not hasattr(model, "head") or not hasattr(model, "backbone"):
-            raise PruneError(f"{type(model).__name__}: only one-stage torchvision detectors (backbone + head) "
-                             "can be pruned; two-stage models (RPN + ROI heads) are not supported")
-        feats = model.backbone(x)
-        feats = list(feats.values()) if isinstance(feats, dict) else [feats]
-        return model.head(feats)
-    return model(x)
-
-
-class RawForward(nn.Module):
-    """`raw_forward` as a module, for op counters that call `model(x)`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return raw_forward(self.model, x)
-
-
-def example_batch(model: nn.Module, image_size: int, batch: int = 2) -> torch.Tensor:
-    """Random images `[batch, 3, S, S]` on the model's device (batch 2: channel constancy is measurable)."""
-    device = next(model.parameters()).device
-    return torch.rand(batch, 3, image_size, image_size, device=device)
-
-
-def as_batch(example_input: Any) -> torch.Tensor:
-    """Accept a batch tensor, one image `[3, H, W]` or a list of images (torchvision's protocol)."""
-    if isinstance(example_input, (list, tuple)):
-        example_input = torch.stack(list(example_input))
-    if not isinstance(example_input, torch.Tensor):
-        raise PruneError(f"example input must be an image tensor or a list of them, got {type(example_input).__name__}")
-    return example_input[None] if example_input.ndim == 3 else example_input
-
-
-def flat_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor inside nested lists / tuples / dicts, in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flat_tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in flat_tensors(v)]
-    return []
+from compress.models.protocol import flat_tensors, raw_forward
 
 
 # ----------------------------------------------------------------------------------------------------

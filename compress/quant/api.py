@@ -12,17 +12,19 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.evaluate.size import count_params, storage_bytes
-from compress.quant.calibration import (FloatInputs, Replay, Site, call_name, call_order, collect_stats, find_sites,
-                                        to_device)
-from compress.quant.formats import bits_per_weight, decode, matrix_shape, storage_bits
-from compress.quant.layers import attach_quantized
+from compress.models.protocol import to_device
+from compress.quant.capture import FloatInputs, collect_stats
+from compress.quant.replay import Replay
+from compress.quant.sites import Site, call_name, call_order, find_sites
+from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits
+from compress.format.layers import attach_quantized
+from compress.format.restorers import PLAN_FORMAT
 from compress.quant.plan import allocate_bits, measure_sensitivity
 from compress.quant.registry import QuantConfig, get_method, make_config
 from compress.quant.stats import quadratic_loss
 
 __all__ = ["quantize", "plan_bits", "plan_budget_bits", "PLAN_FORMAT"]
 
-PLAN_FORMAT = 1  # version of the plan / model_meta["quantization"] layout
 Progress = Callable[[dict[str, Any]], None]
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.quant.formats import encode_codebook, encode_nf4, matrix_shape
+from compress.format.weights import encode_codebook, encode_nf4, matrix_shape
 from compress.quant.kmeans import assign_nearest, kmeans_1d
 from compress.quant.registry import Encoded, QuantConfig, register_method
 from compress.quant.stats import LayerStats

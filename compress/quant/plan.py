@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.quant.calibration import Replay, Site, call_name, model_outputs, no_fastpath
-from compress.quant.formats import decode, storage_bits
+from compress.models.protocol import float_outputs as model_outputs
+from compress.quant.replay import Replay
+from compress.quant.sites import Site, call_name, no_fastpath
+from compress.format.weights import decode, storage_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
 __all__ = ["output_error", "measure_sensitivity", "allocate_bits"]

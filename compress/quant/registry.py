@@ -8,9 +8,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from compress.errors import UserError, unknown_choice
+from compress.errors import UserError
 from compress.quant.stats import LayerStats
-from compress.recipe import Config
+from compress.config import Config, format_validation_error
+from compress.registry import Registry
 
 __all__ = ["QuantConfig", "QuantMethod", "METHODS", "register_method", "get_method", "make_config", "Encoded"]
 
@@ -72,33 +73,23 @@ class QuantMethod:
     fn: QuantFn
 
 
-METHODS: dict[str, QuantMethod] = {}
+METHODS: Registry[QuantMethod] = Registry("quantization method", error=UserError)
 
 
 def register_method(name: str, config_cls: type[QuantConfig]) -> Callable[[QuantFn], QuantFn]:
     """Register `fn(weight, stats, bits, config) -> (layout, tensors)` as the method `name`; a duplicate raises."""
 
-    def wrap(fn: QuantFn) -> QuantFn:
-        if name in METHODS:
-            raise ValueError(f"quantization method '{name}' is already registered by {METHODS[name].fn.__module__}")
-        METHODS[name] = QuantMethod(name, config_cls, fn)
-        return fn
-
-    return wrap
+    return METHODS.register(name, lambda fn: QuantMethod(name, config_cls, fn))
 
 
 def get_method(name: str) -> QuantMethod:
-    if name not in METHODS:
-        raise UserError(unknown_choice("quantization method", name, METHODS))
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def make_config(method: str, options: dict[str, Any]) -> QuantConfig:
     """Validate `options` for `method`; a bad or unknown key raises UserError naming it and the valid ones."""
-    from compress.recipe import _format_validation_error
-
     spec = get_method(method)
     try:
         return spec.config_cls.model_validate(options)
     except ValidationError as exc:
-        raise UserError(f"quantize method '{method}': {_format_validation_error(exc)}") from None
+        raise UserError(f"quantize method '{method}': {format_validation_error(exc)}") from None

@@ -118,7 +118,7 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
 def model_default(spec: str, model: nn.Module, task: str, dataset_size: int | None) -> Preprocessing:
     """The preprocessing the model's family expects (before user overrides)."""
     prefix = str(spec).partition(":")[0]
-    from compress.prune.trace import is_torchvision_detector
+    from compress.models.protocol import is_torchvision_detector
 
     if prefix == "timm":
         import timm.data

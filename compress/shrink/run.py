@@ -28,12 +28,10 @@ from torch.utils.data import Dataset
 
 from compress.errors import UserError
 from compress.pipeline import RunContext, make_accelerator
-from compress.prune.trace import is_torchvision_detector
+from compress.models.protocol import flat_tensors, is_torchvision_detector, raw_outputs
 from compress.recipe import Recipe, parse_recipe
-import compress.stages  # noqa: F401  (registers every stage, recover included)
 from compress.shrink.data import calib_ref, load_calib, with_read_size
 from compress.shrink.preprocess import parse_floats, resolve
-from compress.stages.recover import raw_outputs
 from compress.stages import STAGES
 
 DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-steps)
@@ -188,8 +186,8 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
     """
     from accelerate.utils import set_seed
 
-    from compress.artifact import write_artifact
-    from compress.artifact.stage import artifact_manifest
+    from compress.format.artifact import write_artifact
+    from compress.stages.export import artifact_manifest
     from compress.evaluate import measure
     from compress.models import build_model
     from compress.tasks import get_task
@@ -308,7 +306,7 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
 @torch.no_grad()
 def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: int) -> float:
     """Reload the artifact and compare its outputs with the in-memory model on one calibration batch."""
-    from compress.artifact import load
+    from compress.format.artifact import load
     from compress.tasks import get_task
 
     loader = get_task(task).loader(data, min(batch_size, 4), shuffle=False)
@@ -317,7 +315,6 @@ def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: i
     reloaded = load(out, device=device)
     model.eval()
     with raw_outputs(model), raw_outputs(reloaded):
-        from compress.prune.trace import flat_tensors
 
         want, got = flat_tensors(model(x.to(device))), flat_tensors(reloaded(x.to(device)))
     if [t.shape for t in want] != [t.shape for t in got]:

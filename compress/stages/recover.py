@@ -6,25 +6,23 @@
 2. Optionally (`steps > 0`) output distillation: the pruned model is trained for a few steps to match the
    unpruned model's outputs on the same images (classification: KL at a temperature; detectors: relative
    squared error of the raw head outputs), BatchNorm frozen, then the statistics are re-estimated once more.
-No labels are read. The teacher is the model before pruning: `ctx.teacher` when the runner keeps it in
-memory (compress shrink), else the checkpoint before the first prune stage of the run dir.
+No labels are read. The teacher is the model before pruning (`compress.stages.teacher`): `ctx.teacher` when
+the runner keeps it in memory (compress shrink), else the checkpoint before the first prune stage of the run dir.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-import types
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
-from compress.prune.trace import flat_tensors, is_torchvision_detector, raw_forward
-from compress.recipe import Config
-from compress.stages import register_stage
+from compress.distill.losses import output_distillation_loss
+from compress.models.protocol import raw_outputs
+from compress.config import Config
+from compress.stages.spec import StageSpec
+from compress.stages.teacher import load_teacher
 
 if TYPE_CHECKING:
     from compress.pipeline import RunContext
@@ -38,29 +36,6 @@ class RecoverConfig(Config):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the distillation steps")
     temperature: float = Field(2.0, gt=0, description="classification KL temperature")
     batch_size: int = Field(32, gt=0, description="calibration batch size")
-
-
-def _raw_detector_forward(self: nn.Module, images: Any) -> Any:
-    """A torchvision detector's transform (normalise + resize) then backbone + head: raw tensors out."""
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        images = list(images)
-    image_list, _ = self.transform(images)
-    return raw_forward(self, image_list.tensors)
-
-
-@contextlib.contextmanager
-def raw_outputs(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, a torchvision detector returns its raw head outputs for a batch tensor (fixed
-    shapes, differentiable) instead of post-processed boxes; other models are left as they are. The forward
-    is bound to the model, so a deepcopy taken inside the block (quantize's float copy) runs itself."""
-    if not is_torchvision_detector(model) or not hasattr(model, "transform"):
-        yield model
-        return
-    model.forward = types.MethodType(_raw_detector_forward, model)
-    try:
-        yield model
-    finally:
-        del model.forward
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -95,23 +70,6 @@ def reestimate_bn(model: nn.Module, batches: list[torch.Tensor], advance: Any = 
     return len(norms)
 
 
-def distill_loss(student: Any, teacher: Any, task: str, temperature: float) -> torch.Tensor:
-    """Classification: KL(teacher || student) at a temperature (x T^2); otherwise the relative squared
-    error of every raw output tensor, summed."""
-    if task == "classification" and torch.is_tensor(student):
-        t = temperature
-        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    loss = None
-    for s, te in zip(flat_tensors(student), flat_tensors(teacher)):
-        if not s.is_floating_point():
-            continue
-        term = F.mse_loss(s, te) / te.pow(2).mean().clamp_min(1e-8)
-        loss = term if loss is None else loss + term
-    if loss is None:
-        raise ValueError("recover: the model returns no floating-point tensor to distill")
-    return loss
-
-
 def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], config: RecoverConfig,
                   task: str, advance: Any = None) -> list[float]:
     """`config.steps` Adam steps matching the teacher's outputs (BatchNorm and dropout in eval mode)."""
@@ -126,7 +84,7 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
             for x in itertools.islice(itertools.cycle(batches), config.steps):
                 with torch.no_grad():
                     target = teacher(x)
-                loss = distill_loss(student(x), target, task, config.temperature)
+                loss = output_distillation_loss(student(x), target, task, config.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -139,7 +97,6 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
     return losses
 
 
-@register_stage("recover", RecoverConfig, trains=True)
 def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Module:
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch).to(ctx.device) for batch in loader]
@@ -149,11 +106,7 @@ def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Modu
         ctx.log(f"recover: re-estimated {count} BatchNorm layers on {sum(len(b) for b in batches)} calibration images"
                 if count else "recover: no BatchNorm layer to re-estimate")
     if config.steps:
-        teacher = getattr(ctx, "teacher", None)
-        if teacher is None:
-            from compress.distill.stage import load_teacher
-
-            teacher = load_teacher("before-prune", ctx)
+        teacher = load_teacher("before-prune", ctx)
         with ctx.progress("recover: distillation", total=config.steps) as advance:
             losses = distill_steps(model, teacher.to(ctx.device), batches, config, ctx.task.name, advance)
         ctx.log(f"recover: {config.steps} output-distillation steps from the unpruned model, "
@@ -161,3 +114,6 @@ def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Modu
         if config.bn:
             reestimate_bn(model, batches)
     return model
+
+
+STAGE = StageSpec("recover", RecoverConfig, recover, trains=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from compress.recipe import Config
+from compress.config import Config
 
 if TYPE_CHECKING:
     from compress.pipeline import RunContext

@@ -44,7 +44,7 @@ def test_same_recipe_and_seed_give_a_byte_identical_artifact(tmp_path: Path) -> 
 def test_checkpoint_bytes_do_not_depend_on_metadata_order(tmp_path: Path) -> None:
     import torch
 
-    from compress.checkpoint import atomic_save_safetensors
+    from compress.format.checkpoint import atomic_save_safetensors
 
     tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
     keys = [f"key{i}" for i in range(20)]

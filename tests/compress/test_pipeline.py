@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compress.checkpoint import load_model
+from compress.format.checkpoint import load_model
 from compress.errors import RunDirError
 from compress.pipeline import run
 from compress.recipe import load_recipe
@@ -86,7 +86,7 @@ def test_kill_9_then_resume_keeps_finished_stages_byte_identical(tiny_recipe_pat
 @pytest.mark.integration
 def test_two_cpu_processes_train_identical_replicas(tiny_recipe_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "compress", "run", str(tiny_recipe_path), "--out", str(out), "--set", "stages.1.evaluate.split=val"]
     done = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from compress.distill import attention_loss, attention_map
 from compress.distill.layers import auto_layers
-from compress.distill.stage import AttentionDistillHook, DistillConfig
+from compress.stages.distill import AttentionDistillHook, DistillConfig
 from compress.models import build_model
 from compress.pipeline import RunContext, make_accelerator
 from compress.recipe import load_recipe
@@ -77,7 +77,7 @@ def test_distill_hook_trains_student_leaves_teacher_and_removes_hooks(tiny_recip
 
 
 def test_before_prune_teacher_needs_a_prune_stage(tiny_recipe_path: Path, tmp_path: Path) -> None:
-    from compress.distill.stage import load_teacher
+    from compress.stages.teacher import load_teacher
     from compress.errors import UserError
 
     ctx = _ctx(tiny_recipe_path, tmp_path)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from compress.quant.packing import pack_indices
+from compress.format.packing import pack_indices
 
 GROUP_MODES = ("shared", "even", "group_size", "per_row", "tensor")
 

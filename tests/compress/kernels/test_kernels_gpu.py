@@ -30,7 +30,7 @@ def _checks(device: str = "cuda", shapes: tuple = ((4096, 4096), (1000, 3001), (
     from compress.kernels import dequantize, dequantize_ref, quantized_linear
     from compress.kernels.triton_dequant import dequantize_triton
     from compress.kernels.triton_gemv import quantized_linear_triton
-    from compress.quant.packing import pack_indices
+    from compress.format.packing import pack_indices
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from compress.kernels import codebook_kernel_args, dequantize, dequantize_ref, gemv_ref, quantized_linear, unpack_ref
 from compress.kernels.reference import bit_planes, packed_cols
 from compress.kernels.torch_dequant import dequantize_torch
-from compress.quant import formats, packing
+from compress.format import packing, weights as formats
 
 
 def test_import_compress_kernels_does_not_import_triton() -> None:

@@ -18,14 +18,14 @@ import torch
 import torch.nn as nn
 
 import compress
-from compress.artifact import write_artifact
+from compress.format.artifact import write_artifact
 from compress.models import build_model
 from compress.onnx import OnnxExportError, export_module, export_onnx
 from compress.onnx.decode import decode_traceable, graph_tensors, unpack_traceable
-from compress.quant.api import PLAN_FORMAT
-from compress.quant.formats import decode, encode_codebook, matrix_shape, row_packing
-from compress.quant.layers import attach_quantized, quantized_modules
-from compress.quant.packing import pack_indices, packed_cols, unpack_indices
+from compress.format.restorers import PLAN_FORMAT
+from compress.format.weights import decode, encode_codebook, matrix_shape, row_packing
+from compress.format.layers import attach_quantized, quantized_modules
+from compress.format.packing import pack_indices, packed_cols, unpack_indices
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.checkpoint import load_model, save_model
+from compress.format.checkpoint import load_model, save_model
 from compress.models import build_model
 from compress.prune import PruneConfig, prune_model
-from compress.prune.trace import flat_tensors, raw_forward
+from compress.models.protocol import flat_tensors, raw_forward
 
 NUM_CLASSES = 4
 TV = {"min_size": 64, "max_size": 64}
@@ -84,8 +84,8 @@ def test_prune_forward_reload(spec: str, tmp_path: Path) -> None:
 RELOAD = """
 import sys, torch
 import compress.prune  # registers the 'prune' restorer
-from compress.checkpoint import load_model
-from compress.prune.trace import flat_tensors, raw_forward
+from compress.format.checkpoint import load_model
+from compress.models.protocol import flat_tensors, raw_forward
 x = torch.load(sys.argv[2])
 model, _ = load_model(sys.argv[1])
 with torch.no_grad():

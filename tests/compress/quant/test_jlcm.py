@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.quant.baselines import encode_kmeans, encode_rtn
-from compress.quant.formats import decode
+from compress.format.weights import decode
 from compress.quant.jlcm import JLCMConfig, group_rows, jlcm_learn, nearest_rows, proximal_step, quantize_jlcm
 from compress.quant.kmeans import kmeans_1d
 from compress.quant.stats import LayerStats, quadratic_loss
@@ -99,7 +99,7 @@ def test_depthwise_rows_of_nine_work_where_per_row_rtn_cannot() -> None:
     stats = LayerStats.zeros(channels, 9)
     stats.add(x)
     stats = stats.finalize()
-    from compress.quant.formats import bits_per_weight
+    from compress.format.weights import bits_per_weight
 
     def run(encoded: tuple) -> tuple[float, float]:
         return bits_per_weight(encoded[0]), _error(encoded, w, stats)

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from compress.kernels import dispatch, kernel_backend  # noqa: E402
-from compress.quant import layers  # noqa: E402
-from compress.quant.formats import empty_buffers, encode_codebook, matrix_shape  # noqa: E402
-from compress.quant.layers import FUSED_MAX_TOKENS, QuantizedWeight, attach_quantized  # noqa: E402
+from compress.format import layers  # noqa: E402
+from compress.format.weights import empty_buffers, encode_codebook, matrix_shape  # noqa: E402
+from compress.format.layers import FUSED_MAX_TOKENS, QuantizedWeight, attach_quantized  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 interpreter = pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",

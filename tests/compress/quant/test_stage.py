@@ -6,8 +6,7 @@ import torch
 import yaml
 
 import compress.quant as cq
-import compress.quant.stage  # noqa: F401  (registers the quantize stage and its restorer)
-from compress.checkpoint import load_model, save_model
+from compress.format.checkpoint import load_model, save_model
 from compress.errors import RecipeError
 from compress.evaluate.size import storage_bytes
 from compress.models import build_model

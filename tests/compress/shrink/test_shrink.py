@@ -9,13 +9,14 @@ import torch
 import torch.nn as nn
 
 import compress
-from compress.artifact import read_artifact
+from compress.format.artifact import read_artifact
 from compress.errors import UserError
 from compress.models import CheckpointError, build_model
 from compress.shrink import shrink
 from compress.shrink.data import Prepared, calib_ref
 from compress.shrink.preprocess import IMAGENET_MEAN, Preprocessing, parse_floats, resolve
-from compress.stages.recover import raw_outputs, reestimate_bn
+from compress.models.protocol import raw_outputs
+from compress.stages.recover import reestimate_bn
 
 SPEC = "compress:digits-cnn"
 FAST = {"calib_samples": 16, "batch_size": 8, "quant_options": {"calib_steps": 10, "sensitivity_samples": 8}}

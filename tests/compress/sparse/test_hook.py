@@ -8,8 +8,8 @@ import yaml
 
 from compress.pipeline import RunContext, make_accelerator
 from compress.recipe import parse_recipe
-from compress.sparse import SparseConfig, SparseHook
-from compress.sparse.stage import sparse as sparse_stage
+from compress.sparse import SparseHook
+from compress.stages.sparse import SparseConfig, sparse as sparse_stage
 from compress.tasks import get_task
 from compress.train import TrainConfig, fit
 

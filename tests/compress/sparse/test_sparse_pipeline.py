@@ -11,7 +11,7 @@ import yaml
 
 import compress.prune  # noqa: F401  (registers the prune stage and restorer)
 import compress.sparse  # noqa: F401  (registers the sparse stage)
-from compress.checkpoint import load_model
+from compress.format.checkpoint import load_model
 from compress.pipeline import run
 from compress.recipe import load_recipe
 
@@ -67,7 +67,7 @@ def test_two_processes_add_the_subgradient_once_per_step(tiny_recipe_path: Path,
     plain = _recipe(tiny_recipe_path, [{"finetune": SGD}], 64)
     script = tmp_path / "pair.py"
     script.write_text(PAIR)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(script), str(sparse), str(tmp_path / "sparse"), str(plain), str(tmp_path / "plain")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

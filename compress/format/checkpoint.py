@@ -1,11 +1,8 @@
 """Stage checkpoints: a model's tensors in safetensors plus the JSON needed to rebuild it without pickle.
 
 The metadata holds the model spec (builder, classes, options) and `model_meta`: what stages did to the
-architecture (e.g. the prune stage's shape manifest). Restorers registered per meta key turn a stock model
-into the changed one before the tensors are loaded, so no module object is ever unpickled. They run in the
-order of their priority (`apply_restorers`), never in the order the keys happen to be stored in: shape changes
-(prune, RESTORE_SHAPES) come before changes of how weights are stored (quantization, RESTORE_WEIGHT_FORM), which
-need the final shapes.
+architecture (e.g. the prune stage's shape manifest). The restorers of `compress.format.restorers` turn a
+stock model into the changed one before the tensors are loaded, so no module object is ever unpickled.
 """
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,41 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save
 
-Restorer = Callable[[nn.Module, Any], nn.Module]
-RESTORERS: dict[str, Restorer] = {}
-RESTORER_PRIORITY: dict[str, int] = {}  # meta key -> priority: lower runs first
-RESTORE_SHAPES = 100  # changes of the architecture's shapes (prune's manifest)
-RESTORE_WEIGHT_FORM = 200  # changes of how weights are stored (quantized layers), made on the final shapes
-DEFAULT_RESTORER_PRIORITY = 150
-
-
-def register_restorer(key: str, priority: int = DEFAULT_RESTORER_PRIORITY) -> Callable[[Restorer], Restorer]:
-    """Register how to re-apply the architecture change recorded under `model_meta[key]`; restorers run by
-    ascending `priority` (then key), whatever the order of the keys in the metadata."""
-
-    def wrap(fn: Restorer) -> Restorer:
-        if key in RESTORERS:
-            raise ValueError(f"restorer '{key}' is already registered")
-        RESTORERS[key] = fn
-        RESTORER_PRIORITY[key] = int(priority)
-        return fn
-
-    return wrap
-
-
-def restorer_order(keys: Any) -> list[str]:
-    """The keys of `model_meta` that have a restorer, in the order their restorers run."""
-    return sorted((k for k in keys if k in RESTORERS),
-                  key=lambda k: (RESTORER_PRIORITY.get(k, DEFAULT_RESTORER_PRIORITY), k))
-
-
-def apply_restorers(model: nn.Module, model_meta: dict[str, Any]) -> nn.Module:
-    """Re-apply every recorded architecture change of `model_meta` to a stock model, in priority order (keys
-    without a registered restorer are left alone)."""
-    for key in restorer_order(model_meta):
-        model = RESTORERS[key](model, model_meta[key])
-    return model
-
+from compress.format.restorers import apply_restorers
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half of it."""
@@ -122,7 +84,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a stage checkpoint: stock builder, recorded changes, then the tensors."""
     from safetensors.torch import load_file
 
-    import compress.stages  # noqa: F401  (stages register the restorers of what they change)
     from compress.models import build_model
 
     spec, meta = read_metadata(path)

@@ -3,9 +3,9 @@ import torch
 import torch.nn as nn
 
 from compress.evaluate.size import count_params, storage_bytes
-from compress.quant.formats import (bits_per_weight, decode, encode_codebook, encode_nf4, formula_bits, row_groups,
+from compress.format.weights import (bits_per_weight, decode, encode_codebook, encode_nf4, formula_bits, row_groups,
                                     storage_bits)
-from compress.quant.layers import QuantConv2d, attach_quantized, detach_quantized
+from compress.format.layers import QuantConv2d, attach_quantized, detach_quantized
 
 
 def test_bit_accounting_hand_computed() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import compress
-from compress.artifact import FORMAT_VERSION, ArtifactError, load, read_artifact, write_artifact
+from compress.format.artifact import FORMAT_VERSION, ArtifactError, load, read_artifact, write_artifact
 from compress.models import build_model
 
 SPEC = {"build": "compress:digits-cnn", "num_classes": 10, "options": {}}
@@ -111,6 +111,6 @@ def test_manifest_that_does_not_match_tensors(tmp_path: Path) -> None:
 
 
 def test_import_compress_does_not_import_triton() -> None:
-    code = "import sys, compress, compress.artifact; assert 'triton' not in sys.modules, 'triton imported'"
+    code = "import sys, compress, compress.format.artifact; assert 'triton' not in sys.modules, 'triton imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

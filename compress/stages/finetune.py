@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Literal
 import torch.nn as nn
 from pydantic import Field
 
-from compress.recipe import Config
-from compress.stages import register_stage
+from compress.config import Config
+from compress.stages.spec import StageSpec
 from compress.train import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -22,14 +22,16 @@ class EvaluateConfig(Config):
     split: Literal["train", "val", "calib"] = Field("val", description="which data of the recipe to evaluate on")
 
 
-@register_stage("finetune", FinetuneConfig, trains=True)
 def finetune(model: nn.Module, config: FinetuneConfig, ctx: RunContext) -> nn.Module:
     return fit(model, ctx, config)
 
 
-@register_stage("evaluate", EvaluateConfig)
 def evaluate(model: nn.Module, config: EvaluateConfig, ctx: RunContext) -> nn.Module:
     """Records the metrics on the chosen split (val is always measured by the runner)."""
     if config.split != "val":
         ctx.stage_metrics.update({f"{config.split}_{k}": v for k, v in ctx.evaluate(model, config.split).items()})
     return model
+
+
+FINETUNE = StageSpec("finetune", FinetuneConfig, finetune, trains=True)
+EVALUATE = StageSpec("evaluate", EvaluateConfig, evaluate)

@@ -22,7 +22,6 @@ by rows) are cached per layer until a stored tensor changes. Triton is imported 
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from collections.abc import Callable
@@ -33,11 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.kernels import dispatch as kernels  # imports no triton (the Triton modules load on first use)
-from compress.quant.formats import bits_per_weight, buffer_specs, decode, empty_buffers, storage_bits
+from compress.format.weights import bits_per_weight, buffer_specs, decode, empty_buffers, storage_bits
 
 __all__ = ["QuantizedWeight", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantMultiheadAttention",
            "quantized_class", "attach_quantized", "detach_quantized", "quantized_modules", "WEIGHT_ATTRS",
-           "FUSED_MAX_TOKENS", "KERNEL_DTYPES"]
+           "FUSED_MAX_TOKENS", "KERNEL_DTYPES", "materialize"]
 
 _LOG = logging.getLogger(__name__)
 FUSED_MAX_TOKENS = kernels.MAX_FUSED_BATCH  # rows of input (tokens) up to which a Linear runs the fused kernel
@@ -217,25 +216,14 @@ def quantized_class(base: type[nn.Module], attr: str = "weight") -> type:
         name = f"Quant{base.__name__}" + ("" if attr in ("weight", "in_proj_weight") else f"_{attr}")
         body: dict[str, Any] = {"_quant_attr": attr, "_quant_base": base, attr: property(_dense_getter),
                                 "__module__": __name__, "__doc__": f"{base.__name__} with its `{attr}` stored "
-                                                                   "quantized (see compress.quant.layers)."}
+                                                                   "quantized (see compress.format.layers)."}
         if issubclass(base, nn.Linear) and attr == "weight" and base.forward is nn.Linear.forward:
             body["forward"] = _quant_linear_forward  # the stock forward otherwise (any subclass's own forward)
         cls = type(name, (QuantizedWeight, base), body)
         if name not in globals():  # importable by name, so pickling by reference works
             globals()[name] = cls
         _CLASSES[key] = cls
-        _count_macs_like(cls, base)
     return _CLASSES[key]
-
-
-def _count_macs_like(cls: type, base: type) -> None:
-    """Let torch-pruning's op counter (it looks types up exactly) count a quantized layer like its base."""
-    if importlib.util.find_spec("torch_pruning") is None:
-        return
-    from torch_pruning.utils import op_counter
-
-    if base in op_counter.MODULES_MAPPING:
-        op_counter.MODULES_MAPPING[cls] = op_counter.MODULES_MAPPING[base]
 
 
 QuantLinear = quantized_class(nn.Linear)
@@ -282,3 +270,10 @@ def detach_quantized(module: nn.Module) -> nn.Module:
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedWeight]:
     """Name -> quantized module of every quantized layer of `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of `model` by its plain dense form (in place); returns the model."""
+    for module in list(quantized_modules(model).values()):
+        detach_quantized(module)
+    return model

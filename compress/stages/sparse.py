@@ -9,9 +9,9 @@ from pydantic import Field
 
 from compress.prune.config import ScopeConfig
 from compress.prune.core import analyze_scope
-from compress.prune.trace import example_batch
+from compress.models.protocol import example_batch
 from compress.sparse.hook import SparseHook
-from compress.stages import register_stage
+from compress.stages.spec import StageSpec
 from compress.train import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ class SparseConfig(TrainConfig, ScopeConfig):
     protected_factor: float = Field(0.01, ge=0, le=1, description="protected channels get sparsity_rate x this")
 
 
-@register_stage("sparse", SparseConfig, trains=True)
 def sparse(model: nn.Module, config: SparseConfig, ctx: RunContext) -> nn.Module:
     probe = copy.deepcopy(model)  # the analysis traces and sets eval mode; keep the trained model untouched
     analysis = analyze_scope(probe, example_batch(probe, ctx.recipe.image_size), config)
@@ -47,3 +46,6 @@ def sparse(model: nn.Module, config: SparseConfig, ctx: RunContext) -> nn.Module
     model = fit(model, ctx, config, [hook])
     ctx.stage_metrics.update({"small_gamma": hook.on_epoch_end(model, -1)["small_gamma"]} if channels else {})
     return model
+
+
+STAGE = StageSpec("sparse", SparseConfig, sparse, trains=True)

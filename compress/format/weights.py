@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from compress.quant.packing import bit_planes, pack_indices, packed_cols, unpack_indices
+from compress.format.packing import bit_planes, pack_indices, packed_cols, unpack_indices
 
 __all__ = ["CODEBOOKS", "ROW_MAPS", "buffer_specs", "empty_buffers", "storage_bits", "bits_per_weight",
            "formula_bits", "row_groups", "decode", "encode_codebook", "encode_nf4", "matrix_shape", "id_bits"]

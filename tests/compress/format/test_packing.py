@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.quant.packing import bit_planes, pack_indices, packed_cols, unpack_indices
+from compress.format.packing import bit_planes, pack_indices, packed_cols, unpack_indices
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from pydantic import Field
 
-from compress.artifact.io import write_artifact
-from compress.recipe import Config
-from compress.stages import register_stage
+from compress.format.artifact import write_artifact
+from compress.config import Config
+from compress.stages.spec import StageSpec
 
 if TYPE_CHECKING:
     from compress.pipeline import RunContext
@@ -22,9 +22,7 @@ class ExportConfig(Config):
 
 def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
     """What a reader needs besides the tensors: builder, architecture changes, recipe, metrics."""
-    from compress.pipeline import model_spec
-
-    spec = model_spec(ctx.recipe)
+    spec = ctx.model_spec()
     if spec["build"].startswith("file:"):
         file_path = spec["build"][len("file:"):].rsplit(":", 1)[0]
         spec["file_sha256"] = hashlib.sha256(Path(file_path).read_bytes()).hexdigest()
@@ -34,7 +32,6 @@ def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
             "eval_batch_size": ctx.recipe.train.eval_batch_size}
 
 
-@register_stage("export", ExportConfig)
 def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
     from compress.evaluate import storage_bytes
 
@@ -46,3 +43,6 @@ def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module
     # the stage's size is the file: tensors (as measured) plus the header with its manifest
     ctx.file_overhead_bytes = max(0, path.stat().st_size - storage_bytes(model))
     return model
+
+
+STAGE = StageSpec("export", ExportConfig, export)

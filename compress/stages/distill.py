@@ -1,20 +1,19 @@
 """The `distill` stage: task loss + per-group weighted attention-transfer loss (+ optional output KD)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
 from compress.distill.attention import attention_loss
 from compress.distill.hooks import FeatureRecorder
+from compress.distill.losses import output_distillation_loss
 from compress.distill.layers import DistillLayer, auto_layers
-from compress.errors import UserError
-from compress.recipe import Config
-from compress.stages import register_stage
+from compress.config import Config
+from compress.stages.spec import StageSpec
+from compress.stages.teacher import load_teacher
 from compress.tasks.base import unwrap
 from compress.train import TrainConfig, TrainHook, fit
 
@@ -39,17 +38,6 @@ class DistillConfig(TrainConfig):
     teacher: str = Field("before-prune", description="'before-prune' (from the run dir) or a stage checkpoint path")
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     output_kd: OutputKDConfig = Field(default_factory=OutputKDConfig)
-
-
-def output_kd_loss(student: Any, teacher: Any, task: str, temperature: float) -> torch.Tensor:
-    """Classification: KL at a temperature (x T^2). Tensor-protocol detectors: box L2 + class BCE to teacher probabilities."""
-    if task == "classification":
-        t = temperature
-        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    loss = student[0].new_zeros(())
-    for s, te in zip(student, teacher):
-        loss = loss + F.mse_loss(s[:, :4], te[:, :4]) + F.binary_cross_entropy_with_logits(s[:, 4:], te[:, 4:].sigmoid())
-    return loss
 
 
 class AttentionDistillHook(TrainHook):
@@ -78,7 +66,8 @@ class AttentionDistillHook(TrainHook):
             total = term if total is None else total + term
         terms = {"attention": total} if total is not None else {}
         if self.config.output_kd.weight > 0:
-            kd = output_kd_loss(self.student_output[0], teacher_out, self.ctx.task.name, self.config.output_kd.temperature)
+            kd = output_distillation_loss(self.student_output[0], teacher_out, self.ctx.task.name,
+                                          self.config.output_kd.temperature, dense="yolo")
             terms["output_kd"] = self.config.output_kd.weight * kd
         return terms
 
@@ -88,27 +77,6 @@ class AttentionDistillHook(TrainHook):
         self._output_hook.remove()
 
 
-def load_teacher(spec: str, ctx: RunContext) -> nn.Module:
-    """The frozen teacher: the model before the first prune stage of this run, or a stage checkpoint."""
-    from compress.checkpoint import load_model
-
-    if spec == "before-prune":
-        names = [entry["name"] for entry in ctx.finished]
-        if "prune" not in names or names.index("prune") == 0:
-            raise UserError(f"stages.{ctx.stage_index}.distill.teacher: 'before-prune' needs a prune stage earlier "
-                            "in the recipe (or give a checkpoint path)")
-        path = ctx.run_dir / ctx.finished[names.index("prune") - 1]["checkpoint"]
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise UserError(f"stages.{ctx.stage_index}.distill.teacher: {path} not found")
-    teacher, _ = load_model(path)
-    ctx.log(f"distill: teacher from {path}")
-    teacher.eval().requires_grad_(False)
-    return teacher.to(ctx.device)
-
-
-@register_stage("distill", DistillConfig, trains=True)
 def distill(model: nn.Module, config: DistillConfig, ctx: RunContext) -> nn.Module:
     teacher = load_teacher(config.teacher, ctx)
     example = ctx.example_input(model)
@@ -123,3 +91,6 @@ def distill(model: nn.Module, config: DistillConfig, ctx: RunContext) -> nn.Modu
         return fit(model, ctx, config, hooks=[hook])
     finally:
         hook.remove()
+
+
+STAGE = StageSpec("distill", DistillConfig, distill, trains=True)

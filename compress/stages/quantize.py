@@ -1,4 +1,4 @@
-"""The `quantize` stage (the API fed by the recipe's calib split) and its checkpoint restorer."""
+"""The `quantize` stage: the quantization API fed by the recipe's calib split; the plan goes to the model meta."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -6,20 +6,20 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from pydantic import Field, ValidationError, model_serializer, model_validator
 
-from compress.checkpoint import RESTORE_WEIGHT_FORM, atomic_write_json, register_restorer
-from compress.errors import UserError, unknown_choice
-from compress.quant.api import PLAN_FORMAT, quantize
-from compress.quant.layers import attach_quantized
+from compress.format.checkpoint import atomic_write_json
+from compress.format.restorers import QUANT_META_KEY as META_KEY
+from compress.errors import unknown_choice
+from compress.quant.api import quantize
+from compress.quant.sites import find_sites
 from compress.quant.registry import METHODS, get_method
-from compress.recipe import Config
-from compress.stages import register_stage
+from compress.config import Config
+from compress.stages.spec import StageSpec
 
 if TYPE_CHECKING:
     from compress.pipeline import RunContext
 
-__all__ = ["QuantizeStageConfig", "quantize_stage", "restore_quantization", "META_KEY"]
+__all__ = ["QuantizeStageConfig", "quantize_stage", "META_KEY", "STAGE"]
 
-META_KEY = "quantization"
 _STAGE_FIELDS = ("method", "batch_size")
 
 
@@ -63,7 +63,6 @@ class QuantizeStageConfig(Config):
         return out
 
 
-@register_stage("quantize", QuantizeStageConfig)
 def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContext) -> nn.Module:
     """Quantize with the calib split's images only; the plan goes to the checkpoint meta and the stage dir."""
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
@@ -94,8 +93,6 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
 
 
 def _count_sites(model: nn.Module, config: QuantizeStageConfig) -> int:
-    from compress.quant.calibration import find_sites
-
     return len(find_sites(model, config.options.get("ignore", [])))
 
 
@@ -105,14 +102,4 @@ def without_timings(plan: dict[str, Any]) -> dict[str, Any]:
             "layers": [{k: v for k, v in entry.items() if k != "seconds"} for entry in plan["layers"]]}
 
 
-@register_restorer(META_KEY, priority=RESTORE_WEIGHT_FORM)
-def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
-    """Give the listed layers of a stock (or pruned) model the quantized form, with empty stored tensors of the
-    right shapes, so that `load_state_dict` fills them."""
-    if plan.get("format") != PLAN_FORMAT:
-        raise UserError(f"quantization plan format {plan.get('format')!r} is not supported (this version reads "
-                        f"{PLAN_FORMAT}); use a compress version that wrote it")
-    for entry in plan["layers"]:
-        attach_quantized(model.get_submodule(entry["name"]), entry["layout"], None, entry["attr"])
-    model.quantization_plan = plan
-    return model
+STAGE = StageSpec("quantize", QuantizeStageConfig, quantize_stage)

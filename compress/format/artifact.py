@@ -45,14 +45,14 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def library_versions() -> dict[str, str]:
     import safetensors
 
-    import compress
+    from compress._version import __version__
 
-    return {"compress": compress.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+    return {"compress": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
 def write_artifact(path: str | Path, model: nn.Module, manifest: dict[str, Any]) -> int:
     """Atomically write `model`'s tensors and `manifest` (JSON-able; must hold "model") to `path`; returns its size."""
-    from compress.checkpoint import atomic_save_safetensors, state_tensors
+    from compress.format.checkpoint import atomic_save_safetensors, state_tensors
 
     path = Path(path)
     tensors = state_tensors(model)
@@ -158,8 +158,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
     Quantized layers stay compact and dequantize on the fly unless `materialize` asks for dense layers.
     Models built by `file:` builders need that same file again as `model_file`.
     """
-    import compress.stages  # noqa: F401  (stages register the restorers of what they change)
-    from compress.checkpoint import apply_restorers
+    from compress.format.restorers import apply_restorers
     from compress.models import build_model
 
     tensors, manifest = read_artifact(path)
@@ -181,7 +180,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
                             f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
     model.load_state_dict(tensors, strict=True)
     if materialize:
-        from compress.quant import materialize as to_dense
+        from compress.format.layers import materialize as to_dense
 
         model = to_dense(model)
     return model.to(device).eval()

@@ -2,7 +2,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.quant.calibration import FloatInputs, call_order, collect_stats, find_sites, matches, sample_patches
+from compress.quant.capture import FloatInputs, collect_stats, sample_patches
+from compress.quant.sites import call_order, find_sites, matches
 
 
 def test_patches_match_unfold_for_every_conv_shape() -> None:
@@ -128,7 +129,7 @@ def test_replay_gives_the_same_quantized_model_and_skips_work() -> None:
 
 
 def test_replay_within_a_tiny_budget_stays_exact() -> None:
-    from compress.quant.calibration import Replay
+    from compress.quant.replay import Replay
 
     torch.manual_seed(0)
     model = _Awkward().eval()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.prune.trace import PruneError
+from compress.errors import PruneError
 
 VERSION = 1
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",

@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import compress.stages  # noqa: F401  (registers the prune and quantization restorers)
-from compress.artifact import load, write_artifact
-from compress.checkpoint import (RESTORER_PRIORITY, RESTORERS, apply_restorers, load_model, register_restorer,
-                                 restorer_order, save_model)
+from compress.format.artifact import load, write_artifact
+from compress.format.checkpoint import load_model, save_model
+from compress.format.restorers import (PLAN_FORMAT, RESTORER_PRIORITY, RESTORERS, apply_restorers, register_restorer,
+                                       restorer_order)
 from compress.models import build_model
-from compress.prune.manifest import make_manifest, snapshot
-from compress.quant.api import PLAN_FORMAT
-from compress.quant.formats import encode_codebook, matrix_shape
-from compress.quant.layers import QuantizedWeight, attach_quantized
+from compress.format.prune_manifest import make_manifest, snapshot
+from compress.format.weights import encode_codebook, matrix_shape
+from compress.format.layers import QuantizedWeight, attach_quantized
 
 SPEC = {"build": "compress:digits-cnn", "num_classes": 10, "options": {}}
 

@@ -1,0 +1,155 @@
+"""The model protocol helpers every package shares: which forward a model takes, and nested tensors.
+
+- torchvision detectors take a list of images and return boxes after NMS; `raw_forward` runs their backbone and
+  head on a batch tensor (raw maps), so tracing, pruning, quantization and recovery see plain tensors;
+- model outputs and batches are nested tuples / lists / dicts of tensors: `flat_tensors`, `float_outputs`,
+  `to_device`, `map_tensors` walk them.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.errors import PruneError
+
+__all__ = ["is_torchvision_detector", "is_detector", "raw_forward", "RawForward", "raw_outputs", "example_batch",
+           "as_batch", "flat_tensors", "float_outputs", "to_device", "map_tensors", "tensors_in"]
+
+
+def is_torchvision_detector(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models.detection")
+
+
+def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """Forward `x [B, 3, H, W]` through the layers that carry weights, returning tensors (no post-processing).
+
+    torchvision detectors take a list of images, resize them and return boxes after NMS, which hides the
+    layers from a trace; here they run backbone + head on the batch directly (their raw maps).
+    """
+    if is_torchvision_detector(model):
+        if not hasattr(model, "head") or not hasattr(model, "backbone"):
+            raise PruneError(f"{type(model).__name__}: only one-stage torchvision detectors (backbone + head) "
+                             "can be pruned; two-stage models (RPN + ROI heads) are not supported")
+        feats = model.backbone(x)
+        feats = list(feats.values()) if isinstance(feats, dict) else [feats]
+        return model.head(feats)
+    return model(x)
+
+
+class RawForward(nn.Module):
+    """`raw_forward` as a module, for op counters that call `model(x)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return raw_forward(self.model, x)
+
+
+def example_batch(model: nn.Module, image_size: int, batch: int = 2) -> torch.Tensor:
+    """Random images `[batch, 3, S, S]` on the model's device (batch 2: channel constancy is measurable)."""
+    device = next(model.parameters()).device
+    return torch.rand(batch, 3, image_size, image_size, device=device)
+
+
+def as_batch(example_input: Any) -> torch.Tensor:
+    """Accept a batch tensor, one image `[3, H, W]` or a list of images (torchvision's protocol)."""
+    if isinstance(example_input, (list, tuple)):
+        example_input = torch.stack(list(example_input))
+    if not isinstance(example_input, torch.Tensor):
+        raise PruneError(f"example input must be an image tensor or a list of them, got {type(example_input).__name__}")
+    return example_input[None] if example_input.ndim == 3 else example_input
+
+
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested lists / tuples / dicts, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat_tensors(v)]
+    return []
+
+
+def is_detector(model: nn.Module) -> bool:
+    """A detector of ours (tensor protocol: `detection_loss` + `postprocess`) or of torchvision."""
+    inner = getattr(model, "module", model)
+    return (hasattr(inner, "detection_loss") and hasattr(inner, "postprocess")) or is_torchvision_detector(model)
+
+
+def _raw_detector_forward(self: nn.Module, images: Any) -> Any:
+    """A torchvision detector's transform (normalise + resize) then backbone + head: raw tensors out."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = list(images)
+    image_list, _ = self.transform(images)
+    return raw_forward(self, image_list.tensors)
+
+
+@contextlib.contextmanager
+def raw_outputs(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, a torchvision detector returns its raw head outputs for a batch tensor (fixed
+    shapes, differentiable) instead of post-processed boxes; other models are left as they are. The forward
+    is bound to the model, so a deepcopy taken inside the block (quantize's float copy) runs itself."""
+    if not is_torchvision_detector(model) or not hasattr(model, "transform"):
+        yield model
+        return
+    model.forward = types.MethodType(_raw_detector_forward, model)
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (tensor, tuple, list or dict of them) to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+
+
+
+def float_outputs(output: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (tensor, list/tuple/dict of them, nested), flattened in order."""
+    if torch.is_tensor(output):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, (list, tuple)):
+        return [t for o in output for t in float_outputs(o)]
+    if isinstance(output, dict):
+        return [t for k in sorted(output) for t in float_outputs(output[k])]
+    return []
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """obj with fn applied to its tensors (tensors, tuples, lists, dicts of them, None, numbers, strings)."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(type(obj).__name__)
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """The tensors `map_tensors` would visit, in order ([] when the object holds something else)."""
+    found: list[torch.Tensor] = []
+    try:
+        map_tensors(obj, found.append)
+    except TypeError:
+        pass
+    return found

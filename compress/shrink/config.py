@@ -1,0 +1,67 @@
+"""What `compress shrink` is asked to do, validated before any model is built."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from compress.config import Config, format_validation_error
+from compress.errors import UserError
+
+DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-steps)
+
+
+class ShrinkConfig(Config):
+    """One checkpoint -> one artifact: prune (optional), label-free recovery, quantization."""
+
+    model: str = Field(description="builder spec: compress:NAME, timm:NAME, torchvision:NAME, file:path.py:fn")
+    checkpoint: str | None = Field(None, description="safetensors or weights-only torch file; None: random init")
+    num_classes: int = Field(gt=0)
+    task: Literal["classification", "detection"] = "classification"
+    prune: float = Field(0.0, description="share of parameters to remove, in [0, 1)")
+    bits: float | None = Field(3.0, description="jlcm: average bits per weight; rtn/kmeans/nf4: index bits")
+    method: str = "jlcm"
+    calib: str = Field("digits", description="a data source (its calib split, or SOURCE:SPLIT) or a folder")
+    calib_samples: int = 64
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    recover: bool = True
+    recover_steps: int = Field(DEFAULT_RECOVER_STEPS, ge=0)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+    quant_options: dict[str, Any] = Field(default_factory=dict, description="more options of the method")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _none_means_random_init(cls, value: Any) -> Any:
+        return None if value is None or str(value).lower() == "none" else str(value)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _known_task(cls, value: Any) -> Any:
+        if value not in ("classification", "detection"):
+            raise ValueError(f"--task {value!r}: write classification or detection")
+        return value
+
+    @field_validator("prune")
+    @classmethod
+    def _prune_share(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"--prune {value}: the share of parameters to remove must be in [0, 1)")
+        return value
+
+    @field_validator("calib_samples")
+    @classmethod
+    def _positive_samples(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"--calib-samples must be > 0 (got {value})")
+        return value
+
+    @classmethod
+    def from_options(cls, **options: Any) -> ShrinkConfig:
+        """Validate keyword options; a bad one raises one UserError naming it."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as exc:
+            raise UserError(format_validation_error(exc, prefix="shrink")) from None

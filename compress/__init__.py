@@ -12,6 +12,11 @@ from compress.errors import RecipeError, UserError
 from compress.format.artifact import ArtifactError, load
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch.nn as nn
+
+    from compress.quant.registry import QuantConfig
     from compress.recipe import Recipe
 
 __all__ = ["ArtifactError", "Recipe", "RecipeError", "UserError", "load", "load_recipe", "quantize", "run", "shrink",
@@ -19,6 +24,10 @@ __all__ = ["ArtifactError", "Recipe", "RecipeError", "UserError", "load", "load_
 
 
 def __getattr__(name: str) -> Any:
+    if name == "shrink":  # the package compress.shrink is callable: compress.shrink(...) runs a shrink
+        import importlib
+
+        return importlib.import_module("compress.shrink")
     if name in ("Recipe", "load_recipe"):
         from compress import recipe
 
@@ -36,15 +45,11 @@ def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[st
     return run_pipeline(recipe, out, resume=resume)
 
 
-def quantize(model, calib_batches, method="jlcm", bits=None, **options):
-    """Quantize any nn.Module's conv/linear weights with codebooks (see compress.quant.quantize)."""
+def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | QuantConfig = "jlcm",
+             bits: float | None = None, **options: Any) -> nn.Module:
+    """Quantize any nn.Module's weights with codebooks, in place (see compress.quant.quantize); `method` is a
+    registered name or a method's config object (e.g. `JLCMConfig(bits=3)`)."""
     from compress.quant import quantize as quantize_model
 
     return quantize_model(model, calib_batches, method=method, bits=bits, **options)
 
-
-def shrink(*args, **kwargs):
-    """One-shot prune -> label-free recovery -> quantization -> artifact of a checkpoint (see compress.shrink)."""
-    from compress.shrink import shrink as run_shrink
-
-    return run_shrink(*args, **kwargs)

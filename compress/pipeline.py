@@ -217,20 +217,32 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
                 f"{accelerator.num_processes} process(es) on {accelerator.device}")
     model = model.to(ctx.device)
 
-    for index, name in planned_stages(recipe)[len(done):]:
+    def record(model: nn.Module, index: int, name: str, seconds: float) -> None:
+        report["stages"].append(_finish_stage(model, ctx, index, name, seconds))
+        if ctx.is_main:
+            atomic_write_json(run_dir / REPORT, report)
+        accelerator.wait_for_everyone()
+
+    run_stages(model, ctx, planned_stages(recipe)[len(done):], record)
+    return report
+
+
+StageDone = Callable[[nn.Module, int, str, float], None]
+
+
+def run_stages(model: nn.Module, ctx: RunContext, planned: list[tuple[int, str]], done: StageDone) -> nn.Module:
+    """The one stage loop, for recipes and for `compress shrink`: each planned (index, name) is seeded from
+    (recipe seed, index), run and timed, then handed to `done(model, index, name, seconds)`, which records it
+    (a checkpoint and a report entry for runs; figures in memory for shrink). Index -1 is the input entry."""
+    for index, name in planned:
         ctx.stage_index, ctx.stage_name, ctx.stage_metrics, ctx.file_overhead_bytes = index, name, {}, 0
         set_seed(ctx.stage_seed)
         start = time.perf_counter()
         if index >= 0:
-            ctx.log(f"stage {index + 1}/{len(recipe.stages)}: {name}")
-            model = STAGES[name].fn(model, recipe.stages[index].config, ctx).to(ctx.device)
-        seconds = time.perf_counter() - start
-        entry = _finish_stage(model, ctx, index, name, seconds)
-        report["stages"].append(entry)
-        if ctx.is_main:
-            atomic_write_json(run_dir / REPORT, report)
-        accelerator.wait_for_everyone()
-    return report
+            ctx.log(f"stage {index + 1}/{len(ctx.recipe.stages)}: {name}")
+            model = STAGES[name].fn(model, ctx.recipe.stages[index].config, ctx).to(ctx.device)
+        done(model, index, name, time.perf_counter() - start)
+    return model
 
 
 def _finish_stage(model: nn.Module, ctx: RunContext, index: int, name: str, seconds: float) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from compress.format.weights import bits_per_weight, decode, matrix_shape, stora
 from compress.format.layers import attach_quantized
 from compress.format.restorers import PLAN_FORMAT
 from compress.quant.plan import allocate_bits, measure_sensitivity
-from compress.quant.registry import QuantConfig, get_method, make_config
+from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss
 
 __all__ = ["quantize", "plan_bits", "plan_budget_bits", "PLAN_FORMAT"]
@@ -40,18 +40,22 @@ def plan_budget_bits(model: nn.Module, sites: list[Site], config: QuantConfig) -
     return config.bits * count_params(model) - 8.0 * (storage_bytes(model, buffers=False) - dense)
 
 
-def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlcm", bits: float | None = None,
-             progress: Progress | None = None, **options: Any) -> nn.Module:
+def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | QuantConfig = "jlcm",
+             bits: float | None = None, progress: Progress | None = None, **options: Any) -> nn.Module:
     """Quantize the Linear, Conv1d/2d and attention in-projection weights of `model` in place; returns it.
 
     calib_batches: inputs, each passed as `model(batch)` (kept in memory; moved to the model's device).
-    method: a registered method (jlcm, kmeans, rtn, nf4, or one added with `register_method`).
+    method: a registered method (jlcm, kmeans, rtn, nf4, or one added with `register_method`), or the config
+    object of one (e.g. `JLCMConfig(bits=3)`; `bits` and options then override its fields).
     bits: uniform allocation: the index bits of every layer; mixed: the target average bits per weight of
     the whole model, everything stored counted (None: the method's default). options: the method's config
     fields (unknown ones are refused with the valid list). progress(event) is called after each layer.
     The plan (per layer: bits, groups, weights, stored bits per weight, errors, layout) is set as
     `model.quantization_plan` (a JSON-able dict; `model_meta["quantization"]` of a checkpoint).
     """
+    if isinstance(method, QuantConfig):
+        options = {**method.model_dump(exclude_unset=True), **options}
+        method = method_name(method)
     spec = get_method(method)
     opts = dict(options)
     if bits is not None:

@@ -86,6 +86,15 @@ def get_method(name: str) -> QuantMethod:
     return METHODS.lookup(name)
 
 
+def method_name(config: QuantConfig) -> str:
+    """The registered method whose config class `config` is."""
+    for name, spec in METHODS.items():
+        if type(config) is spec.config_cls:
+            return name
+    raise UserError(f"{type(config).__name__} is not the config of a registered quantization method "
+                    f"(known: {', '.join(METHODS.names())})")
+
+
 def make_config(method: str, options: dict[str, Any]) -> QuantConfig:
     """Validate `options` for `method`; a bad or unknown key raises UserError naming it and the valid ones."""
     spec = get_method(method)

@@ -27,14 +27,13 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from compress.errors import UserError
-from compress.pipeline import RunContext, make_accelerator
+from compress.pipeline import RunContext, make_accelerator, run_stages
 from compress.models.protocol import flat_tensors, is_torchvision_detector, raw_outputs
 from compress.recipe import Recipe, parse_recipe
 from compress.shrink.data import calib_ref, load_calib, with_read_size
 from compress.shrink.preprocess import parse_floats, resolve
-from compress.stages import STAGES
+from compress.shrink.config import DEFAULT_RECOVER_STEPS, ShrinkConfig
 
-DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-steps)
 
 
 @dataclass
@@ -44,7 +43,6 @@ class ShrinkContext(RunContext):
 
     calib_data: Dataset | None = None
     quiet: bool = False
-    teacher: nn.Module | None = None
     lines: list[str] = field(default_factory=list)
     printer: Callable[[str], None] = print
 
@@ -140,25 +138,23 @@ def check_forward(spec: str, model: nn.Module, data: Dataset, task: str) -> None
                         f"failed: {type(exc).__name__}: {reason}; check --image-size / --num-classes / --task")
 
 
-def build_recipe(spec: str, num_classes: int, checkpoint: str | None, task: str, image_size: int,
-                 ref: dict[str, Any], samples: int, prune: float, bits: float | None, method: str,
-                 recover_steps: int, batch_size: int, seed: int, quant_options: dict[str, Any] | None,
-                 recover: bool = True) -> Recipe:
+def build_recipe(config: ShrinkConfig, image_size: int, ref: dict[str, Any]) -> Recipe:
+    """The in-memory recipe a shrink runs: prune (+ recover) when asked, then quantize."""
     stages: list[dict[str, Any]] = []
-    if prune > 0:
-        stages.append({"prune": {"target": {"params": prune}}})
-        if recover:
-            stages.append({"recover": {"bn": True, "steps": recover_steps, "batch_size": batch_size}})
-    quant = {"method": method, "batch_size": batch_size, **(quant_options or {})}
-    if bits is not None:
-        quant["bits"] = bits
+    if config.prune > 0:
+        stages.append({"prune": {"target": {"params": config.prune}}})
+        if config.recover:
+            stages.append({"recover": {"bn": True, "steps": config.recover_steps, "batch_size": config.batch_size}})
+    quant = {"method": config.method, "batch_size": config.batch_size, **config.quant_options}
+    if config.bits is not None:
+        quant["bits"] = config.bits
     stages.append({"quantize": quant})
-    data_ref = {**ref, "samples": samples}
+    data_ref = {**ref, "samples": config.calib_samples}
     return parse_recipe({
-        "name": "shrink", "seed": seed, "task": task, "image_size": image_size,
-        "model": {"build": spec, "num_classes": num_classes, "checkpoint": checkpoint},
+        "name": "shrink", "seed": config.seed, "task": config.task, "image_size": image_size,
+        "model": {"build": config.model, "num_classes": config.num_classes, "checkpoint": config.checkpoint},
         "data": {"train": data_ref, "val": data_ref, "calib": data_ref},
-        "train": {"batch_size": batch_size, "eval_batch_size": batch_size},
+        "train": {"batch_size": config.batch_size, "eval_batch_size": config.batch_size},
         "stages": stages,
     }, source="shrink settings")
 
@@ -167,15 +163,17 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_classes: int,
-           task: str = "classification", prune: float = 0.0, bits: float | None = 3.0, method: str = "jlcm",
-           calib: str = "digits", calib_samples: int = 64, image_size: int | None = None,
-           mean: str | tuple[float, ...] | None = None, std: str | tuple[float, ...] | None = None,
-           recover: bool = True, recover_steps: int = DEFAULT_RECOVER_STEPS, batch_size: int = 16, seed: int = 0,
+def shrink(checkpoint: str | Path | None | ShrinkConfig, model: str | None = None, out: str | Path | None = None,
+           num_classes: int | None = None, task: str = "classification", prune: float = 0.0,
+           bits: float | None = 3.0, method: str = "jlcm", calib: str = "digits", calib_samples: int = 64,
+           image_size: int | None = None, mean: str | tuple[float, ...] | None = None,
+           std: str | tuple[float, ...] | None = None, recover: bool = True,
+           recover_steps: int = DEFAULT_RECOVER_STEPS, batch_size: int = 16, seed: int = 0,
            quant_options: dict[str, Any] | None = None, verify: bool = True, quiet: bool = False,
            printer: Callable[[str], None] = print) -> dict[str, Any]:
     """Prune (optional), recover, quantize and export `model` (a builder spec) loaded from `checkpoint`
     (None or "none": the builder's random init) into the artifact `out`; returns the figures printed.
+    The settings may also come as one `ShrinkConfig` in place of `checkpoint` (then give `out` only).
 
     prune: share of parameters to remove (0: no pruning). recover: after pruning, re-estimate BatchNorm
     statistics on the calibration images and take `recover_steps` output-distillation steps from the unpruned
@@ -184,6 +182,23 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
     (its calib split, or SOURCE:SPLIT) or a folder of images; the first `calib_samples` images are used.
     image_size / mean / std override the model's preprocessing. verify: reload the artifact and compare.
     """
+    if isinstance(checkpoint, ShrinkConfig):
+        config = checkpoint
+    else:
+        config = ShrinkConfig.from_options(
+            model=model, checkpoint=checkpoint, num_classes=num_classes, task=task, prune=prune, bits=bits,
+            method=method, calib=calib, calib_samples=calib_samples, image_size=image_size,
+            mean=parse_floats(mean, "--mean") if isinstance(mean, str) else mean,
+            std=parse_floats(std, "--std") if isinstance(std, str) else std, recover=recover,
+            recover_steps=recover_steps, batch_size=batch_size, seed=seed, quant_options=quant_options or {})
+    if out is None:
+        raise UserError("shrink: give the artifact path (out)")
+    return run_shrink(config, out, verify=verify, quiet=quiet, printer=printer)
+
+
+def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet: bool = False,
+               printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """`shrink` of a validated config: the stages run through the runner's `run_stages`, in memory."""
     from accelerate.utils import set_seed
 
     from compress.format.artifact import write_artifact
@@ -195,26 +210,18 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
 
     start = time.perf_counter()
     say = (lambda _: None) if quiet else printer
-    checkpoint = None if checkpoint is None or str(checkpoint).lower() == "none" else str(checkpoint)
+    model, checkpoint, task, prune = config.model, config.checkpoint, config.task, config.prune
     out = Path(out).expanduser().resolve()
-    if task not in ("classification", "detection"):
-        raise UserError(f"--task {task!r}: write classification or detection")
-    if not 0 <= prune < 1:
-        raise UserError(f"--prune {prune}: the share of parameters to remove must be in [0, 1)")
-    if calib_samples <= 0:
-        raise UserError(f"--calib-samples must be > 0 (got {calib_samples})")
     if out.suffix != ".safetensors":
         raise UserError(f"-o {out.name}: the artifact is a .safetensors file")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"-o {out}: {out.parent} is not a folder")
-    mean = parse_floats(mean, "--mean") if isinstance(mean, str) else mean
-    std = parse_floats(std, "--std") if isinstance(std, str) else std
-    ref = calib_ref(calib)
+    ref = calib_ref(config.calib)
     if checkpoint is not None:
         read_checked_checkpoint(checkpoint)
 
-    set_seed(seed)
-    net = build_model(model, num_classes=num_classes, checkpoint=checkpoint)
+    set_seed(config.seed)
+    net = build_model(model, num_classes=config.num_classes, checkpoint=checkpoint)
     check_supported(model, net)
     looks_detector = is_tensor_protocol(net) or is_torchvision_detector(net)
     if looks_detector != (task == "detection"):
@@ -227,22 +234,21 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
     base_size = None
     if ref["source"] != "folder":
         base_size = getattr(get_dataset(ref["source"], ref["split"], **ref.get("options", {})), "image_size", None)
-    elif image_size is None:
+    elif config.image_size is None:
         base_size = 224
-    pre = resolve(model, net, task, base_size, image_size, mean, std)
+    pre = resolve(model, net, task, base_size, config.image_size, config.mean, config.std)
     if pre.image_size is None:
-        raise UserError(f"--image-size is needed: {model} and --calib {calib} give no input size")
+        raise UserError(f"--image-size is needed: {model} and --calib {config.calib} give no input size")
     ref = with_read_size(ref, pre)
-    data = load_calib(ref, pre, task, calib_samples)
+    data = load_calib(ref, pre, task, config.calib_samples)
     check_forward(model, net, data, task)
     where = ref.get("root") or f"{ref['source']}:{ref['split']}"
     labelled = "labels unused" if getattr(data.base, "num_classes", 0) else "unlabelled"
-    say(f"model {model} ({'random init' if checkpoint is None else checkpoint}), {num_classes} classes, {task}")
+    say(f"model {model} ({'random init' if checkpoint is None else checkpoint}), {config.num_classes} classes, {task}")
     say(f"calibration: {len(data)} images of {where} ({labelled})")
     say(f"preprocessing: {pre.describe()}")
 
-    recipe = build_recipe(model, num_classes, checkpoint, task, pre.image_size, ref, calib_samples, prune, bits,
-                          method, recover_steps, batch_size, seed, quant_options, recover)
+    recipe = build_recipe(config, pre.image_size, ref)
     ctx_task = get_task(task)
     before = measure(net, ctx_task.example_input(net, pre.image_size))
     resized = " input (resized inside the model)" if is_torchvision_detector(net) else ""
@@ -255,35 +261,32 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
         ctx = ShrinkContext(recipe=recipe, run_dir=Path(run_dir), accelerator=accelerator, task=ctx_task,
                             calib_data=data, quiet=quiet, printer=printer)
         net = net.to(ctx.device)
-        if prune > 0 and recover and recover_steps > 0:
+        if prune > 0 and config.recover and config.recover_steps > 0:
             ctx.teacher = copy.deepcopy(net).eval().requires_grad_(False)
-        for index, stage in enumerate(recipe.stages):
-            ctx.stage_index, ctx.stage_name, ctx.stage_metrics = index, stage.name, {}
-            set_seed(ctx.stage_seed)
-            t0 = time.perf_counter()
-            ctx.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.name}")
-            with raw_outputs(net) if stage.name == "quantize" else contextlib.nullcontext():
-                net = STAGES[stage.name].fn(net, stage.config, ctx).to(ctx.device)
-            seconds = time.perf_counter() - t0
+
+        def record(net: nn.Module, index: int, name: str, seconds: float) -> None:
             ratio = ctx.stage_metrics.get("params_ratio")
-            if stage.name == "prune" and ratio is not None and ratio < 1 - prune - 0.05:
+            if name == "prune" and ratio is not None and ratio < 1 - prune - 0.05:
                 ctx.warn(f"pruning removed {1 - ratio:.1%} of the parameters, more than the {prune:.0%} asked: "
-                        "channels of equal importance are removed together (typical of a random init, whose BN "
-                        "scales are all alike)")
+                         "channels of equal importance are removed together (typical of a random init, whose BN "
+                         "scales are all alike)")
             figures = measure(net, ctx.example_input(net))
-            ctx.finished.append({"name": stage.name, "metrics": dict(ctx.stage_metrics), **figures,
+            ctx.finished.append({"name": name, "metrics": dict(ctx.stage_metrics), **figures,
                                  "seconds": round(seconds, 3)})
-            rows.append((stage.name, figures, seconds))
+            rows.append((name, figures, seconds))
+
+        net = run_stages(net, ctx, [(i, stage.name) for i, stage in enumerate(recipe.stages)], record)
         ctx.teacher = None
         ctx.stage_index, ctx.stage_name = len(recipe.stages), "export"
         manifest = artifact_manifest(ctx)
         manifest["metrics"] = {}  # nothing was evaluated (calibration images may be unlabelled)
         manifest["preprocessing"] = pre.to_dict()
         recovery = "none"
-        if prune > 0 and recover:
-            recovery = "bn" + (f" + {recover_steps} distillation steps" if recover_steps else "")
+        if prune > 0 and config.recover:
+            recovery = "bn" + (f" + {config.recover_steps} distillation steps" if config.recover_steps else "")
         manifest["shrink"] = {"checkpoint": checkpoint, "calib": where, "calib_images": len(data), "prune": prune,
-                              "bits": bits, "method": method, "recover": recovery, "labels_used": False}
+                              "bits": config.bits, "method": config.method, "recover": recovery,
+                              "labels_used": False}
         size = write_artifact(out, net, manifest)
 
     after = rows[-1][1]
@@ -291,11 +294,11 @@ def shrink(checkpoint: str | Path | None, model: str, out: str | Path, num_class
     result = {"out": str(out), "file_bytes": size, "before_bytes": before["size_bytes"],
               "after_bytes": after["size_bytes"], "params_before": before["params"], "params_after": after["params"],
               "macs_before": before["macs"], "macs_after": after["macs"], "bits_per_weight": after["bits_per_weight"],
-              "quantized_bits_per_weight": plan.get("bits_per_weight"), "target_bits": bits,
+              "quantized_bits_per_weight": plan.get("bits_per_weight"), "target_bits": config.bits,
               "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
               "stages": [{"name": n, **f, "seconds": round(s, 3)} for n, f, s in rows]}
     if verify:
-        result["verify_max_diff"] = _verify(out, net, data, task, batch_size)
+        result["verify_max_diff"] = _verify(out, net, data, task, config.batch_size)
     result["seconds"] = round(time.perf_counter() - start, 1)
     say(_table(rows))
     if verify:

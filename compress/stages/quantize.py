@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, model_serializer, model_validator
 from compress.format.checkpoint import atomic_write_json
 from compress.format.restorers import QUANT_META_KEY as META_KEY
 from compress.errors import unknown_choice
+from compress.models.protocol import raw_outputs
 from compress.quant.api import quantize
 from compress.quant.sites import find_sites
 from compress.quant.registry import METHODS, get_method
@@ -75,7 +76,8 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
                     info["err"] = event["error"]
                 advance(**info)
 
-        model = quantize(model, batches, method=config.method, progress=progress, **config.options)
+        with raw_outputs(model):  # torchvision detectors: calibrate on their raw head outputs
+            model = quantize(model, batches, method=config.method, progress=progress, **config.options)
     plan = model.quantization_plan
     summary = plan["summary"]
     ctx.model_meta[META_KEY] = without_timings(plan)  # the checkpoint and artifact must not depend on run time

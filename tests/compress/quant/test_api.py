@@ -171,3 +171,18 @@ def test_plan_bits_is_a_dry_run_of_the_allocation() -> None:
     assert {e["name"]: e["bits"] for e in quantized.quantization_plan["layers"]} == plan["bits"]
     with pytest.warns(UserWarning, match="below what the fewest bits"):
         cq.plan_bits(model, _images(), method="rtn", allocation="mixed", bits=0.5)
+
+
+def test_a_config_object_is_accepted_as_the_method() -> None:
+    torch.manual_seed(0)
+    model = TinyMobile()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    by_name = cq.quantize(copy.deepcopy(model), batches, method="rtn", bits=4)
+    by_config = cq.quantize(copy.deepcopy(model), batches, method=cq.RTNConfig(bits=4))
+    assert by_config.quantization_plan["method"] == "rtn"
+    for a, b in zip(by_name.state_dict().values(), by_config.state_dict().values()):
+        assert torch.equal(a, b)
+    overridden = cq.quantize(copy.deepcopy(model), batches, method=cq.RTNConfig(bits=4), bits=2)
+    assert {e["bits"] for e in overridden.quantization_plan["layers"]} == {2}
+    with pytest.raises(UserError, match="not the config of a registered quantization method"):
+        cq.quantize(copy.deepcopy(model), batches, method=cq.QuantConfig())

@@ -250,3 +250,20 @@ def test_overshooting_prune_warns_on_stderr_even_when_quiet(tmp_path: Path, caps
         assert "warning: pruning removed" in captured.err and "more than the 30% asked" in captured.err
     else:
         assert captured.err == ""
+
+
+def test_config_object_and_keywords_give_the_same_artifact(trained, tmp_path: Path) -> None:
+    """compress.shrink takes a validated ShrinkConfig as well as keywords; both run the same stages through the
+    runner's loop and write the same bytes."""
+    from compress.shrink import ShrinkConfig
+
+    path, _ = trained
+    by_keywords = compress.shrink(path, SPEC, tmp_path / "a.safetensors", 10, prune=0.3, bits=3, quiet=True,
+                                  recover_steps=2, **FAST)
+    config = ShrinkConfig(model=SPEC, checkpoint=str(path), num_classes=10, prune=0.3, bits=3, recover_steps=2, **FAST)
+    by_config = compress.shrink(config, out=tmp_path / "b.safetensors", quiet=True)
+    assert [s["name"] for s in by_config["stages"]] == ["input", "prune", "recover", "quantize"]
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert by_keywords["file_bytes"] == by_config["file_bytes"]
+    with pytest.raises(UserError, match="shrink.prune: .*--prune 2"):
+        ShrinkConfig.from_options(model=SPEC, num_classes=10, prune=2)

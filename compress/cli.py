@@ -201,9 +201,9 @@ def _print_groups(net, example_input, title: str) -> None:
 
 
 def _is_detector(net) -> bool:
-    from compress.tasks.detection import is_tensor_protocol
+    from compress.models.protocol import is_detector
 
-    return is_tensor_protocol(net) or type(net).__module__.startswith("torchvision.models.detection")
+    return is_detector(net)
 
 
 def _load_any(spec: str, num_classes: int):

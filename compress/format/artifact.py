@@ -125,7 +125,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if version != str(FORMAT_VERSION):
         raise ArtifactError(f"{path}: format version {version!r} is not supported by this compress "
                             f"(it reads version {FORMAT_VERSION}); upgrade compress or re-export")
-    manifest_json = _decode_manifest(path, metadata)
+    manifest_json = decode_manifest(path, metadata)
     if hashlib.sha256(manifest_json.encode()).hexdigest() != metadata.get("manifest_sha256"):
         raise ArtifactError(f"{path}: manifest checksum mismatch; the header is damaged")
     manifest = json.loads(manifest_json)
@@ -138,7 +138,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, manifest
 
 
-def _decode_manifest(path: Path, metadata: dict[str, str]) -> str:
+def decode_manifest(path: Path, metadata: dict[str, str]) -> str:
     encoding = metadata.get("manifest_encoding", "json")
     raw = metadata.get("manifest", "")
     if encoding == "json":

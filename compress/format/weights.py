@@ -160,7 +160,7 @@ def row_groups(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> torc
 
 
 @lru_cache(maxsize=None)
-def _dynamic_map() -> tuple[float, ...]:
+def dynamic_map() -> tuple[float, ...]:
     """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(True, 7, 8)), so decoding needs no bitsandbytes."""
     data: list[float] = []
     for i in range(7):
@@ -182,7 +182,7 @@ def decode(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> torch.Te
         idx = _unpack(packed, 4, rows, cols, layout["packing"]).long().reshape(-1)
         absmax = buffers["absmax"]
         if layout["double_quant"]:
-            code = torch.tensor(_dynamic_map(), device=packed.device)
+            code = torch.tensor(dynamic_map(), device=packed.device)
             block = torch.arange(absmax.numel(), device=packed.device) // DOUBLE_QUANT_BLOCK
             absmax = code[absmax.long()] * buffers["absmax_scale"].float()[block] + buffers["absmax_offset"].float()
         table = torch.tensor(NF4_TABLE, device=packed.device)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.format.weights import DOUBLE_QUANT_BLOCK, NF4_TABLE, _dynamic_map, matrix_shape
+from compress.format.weights import DOUBLE_QUANT_BLOCK, NF4_TABLE, dynamic_map, matrix_shape
 from compress.format.packing import bit_planes
 
 __all__ = ["BITOPS_MIN_OPSET", "decode_traceable", "graph_tensors", "unpack_traceable"]
@@ -113,7 +113,7 @@ def _decode_nf4(layout: dict[str, Any], buffers: dict[str, torch.Tensor], rows: 
     blocksize = layout["blocksize"]
     nblocks = -(-rows * cols // blocksize)
     if layout["double_quant"]:
-        code = torch.tensor(_dynamic_map(), dtype=torch.float32, device=packed.device)
+        code = torch.tensor(dynamic_map(), dtype=torch.float32, device=packed.device)
         nested = buffers["absmax_scale"].to(torch.float32)
         # absmax_scale[block // 256] for every block, without an index constant of nblocks int64s
         nested = nested.unsqueeze(1).expand(-(-nblocks // DOUBLE_QUANT_BLOCK), DOUBLE_QUANT_BLOCK).reshape(-1)[:nblocks]

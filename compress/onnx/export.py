@@ -67,12 +67,12 @@ def _require_onnx() -> Any:
 
 def _manifest(path: Path) -> dict[str, Any]:
     """The manifest from the header alone (compress.load has validated the whole file before)."""
-    from compress.format.artifact import _decode_manifest
+    from compress.format.artifact import decode_manifest
 
     with path.open("rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
-    return json.loads(_decode_manifest(path, header["__metadata__"]))
+    return json.loads(decode_manifest(path, header["__metadata__"]))
 
 
 def _describe(layout: dict[str, Any]) -> str:

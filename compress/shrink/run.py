@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from compress.errors import UserError
 from compress.pipeline import RunContext, make_accelerator, run_stages
-from compress.models.protocol import flat_tensors, is_torchvision_detector, raw_outputs
+from compress.models.protocol import flat_tensors, is_detector, is_torchvision_detector, raw_outputs
 from compress.recipe import Recipe, parse_recipe
 from compress.shrink.data import calib_ref, load_calib, with_read_size
 from compress.shrink.preprocess import parse_floats, resolve
@@ -206,7 +206,6 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     from compress.evaluate import measure
     from compress.models import build_model
     from compress.tasks import get_task
-    from compress.tasks.detection import is_tensor_protocol
 
     start = time.perf_counter()
     say = (lambda _: None) if quiet else printer
@@ -223,7 +222,7 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     set_seed(config.seed)
     net = build_model(model, num_classes=config.num_classes, checkpoint=checkpoint)
     check_supported(model, net)
-    looks_detector = is_tensor_protocol(net) or is_torchvision_detector(net)
+    looks_detector = is_detector(net)
     if looks_detector != (task == "detection"):
         kind = "a detector" if looks_detector else "not a detector"
         raise UserError(f"{model} is {kind} but --task is {task}; pass --task "

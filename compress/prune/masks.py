@@ -5,6 +5,10 @@ holds the precomputed scores of one analysed model.
 
 Per group g (and per score kind: |gamma| and the magnitude fallback never share a quantile):
     theta_g = quantile(scores of g, p_g)          keep a carrier's channel iff score > theta_g
+which, for distinct scores, removes the k = floor((n - 1) p_g) + 1 lowest of the group's n scores. Scores
+that tie (random init: every |gamma| is 1) would all fall together, so the rule is applied as a rank: the k
+lowest-ranked scores go, ties ranked by the channel's relative position in its layer, then by layer, which
+spreads a tied group's removals evenly over its layers and gives the ratio asked whatever the ties.
 Per unit (coupled channels), for every element e (a root channel, or a head):
     keep[e] = vote over the carriers that score e   (majority: >= half keep; union; intersection)
 then the constraints, in this order:
@@ -18,6 +22,8 @@ group (unitless, comparable across groups).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+import math
 
 import numpy as np
 
@@ -39,6 +45,15 @@ def quantile_threshold(scores: np.ndarray, p: float) -> float:
     if p >= 1:
         return np.inf
     return float(np.quantile(scores, p))
+
+
+def removal_count(n: int, p: float) -> int:
+    """How many of n scores the p-quantile threshold removes when they are distinct (see the module doc)."""
+    if p <= 0 or n == 0:
+        return 0
+    if p >= 1:
+        return n
+    return min(n, int(math.floor((n - 1) * p)) + 1)
 
 
 def vote(kept: np.ndarray, covered: np.ndarray, mode: str = "majority") -> np.ndarray:
@@ -123,12 +138,24 @@ class Decider:
         # heads are few and large: the channel floor (16) would keep them all, so heads only keep >= 1
         self.floors = [floor_count(u.size, floor_share, floor_min) if u.kind == "channels"
                        else max(1, int(floor_share * u.size)) for u in self.units]
-        scores: dict[tuple[str, str], list[np.ndarray]] = {}
-        for unit in self.units:
-            for c in unit.carriers:
-                scores.setdefault((c.group, c.kind), []).append(c.score)
-        self.scores = {key: np.sort(np.concatenate(v)) for key, v in scores.items()}
+        pools: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for u, unit in enumerate(self.units):
+            for j, c in enumerate(unit.carriers):
+                pools.setdefault((c.group, c.kind), []).append((u, j))
+        self.scores = {key: np.sort(np.concatenate([self.units[u].carriers[j].score for u, j in members]))
+                       for key, members in pools.items()}
         self.means = {key: max(float(v.mean()), 1e-12) for key, v in self.scores.items()}
+        # rank of every carrier score within its (group, kind) pool: score, then relative position, then layer
+        self.ranks: dict[tuple[int, int], np.ndarray] = {}
+        for members in pools.values():
+            score = np.concatenate([self.units[u].carriers[j].score for u, j in members])
+            size = [len(self.units[u].carriers[j].score) for u, j in members]
+            position = np.concatenate([np.arange(n) / max(n, 1) for n in size])
+            layer = np.repeat(np.arange(len(members)), size)
+            rank = np.empty(len(score), dtype=np.int64)
+            rank[np.lexsort((layer, position, score))] = np.arange(len(score))
+            for (u, j), part in zip(members, np.split(rank, np.cumsum(size)[:-1])):
+                self.ranks[(u, j)] = part
         self.groups = sorted({key[0] for key in self.scores})
         self.unit_groups = [sorted({c.group for c in u.carriers}) for u in self.units]
         self.importance = []
@@ -140,16 +167,17 @@ class Decider:
                 count[c.roots] += 1
             self.importance.append(total / np.maximum(count, 1))
 
-    def thresholds(self, ratios: Mapping[str, float]) -> dict[tuple[str, str], float]:
-        return {key: quantile_threshold(s, ratios.get(key[0], 0.0)) for key, s in self.scores.items()}
+    def thresholds(self, ratios: Mapping[str, float]) -> dict[tuple[str, str], int]:
+        """Per (group, kind): how many of the pool's lowest-ranked scores the ratios remove."""
+        return {key: removal_count(len(s), ratios.get(key[0], 0.0)) for key, s in self.scores.items()}
 
-    def decide(self, index: int, thresholds: Mapping[tuple[str, str], float]) -> np.ndarray:
-        """bool [size]: the elements unit `index` keeps under these thresholds."""
+    def decide(self, index: int, thresholds: Mapping[tuple[str, str], int]) -> np.ndarray:
+        """bool [size]: the elements unit `index` keeps under these thresholds (removal counts)."""
         unit = self.units[index]
         kept = np.zeros(unit.size, dtype=np.int64)
         covered = np.zeros(unit.size, dtype=np.int64)
-        for c in unit.carriers:
-            kept[c.roots] += c.score > thresholds[(c.group, c.kind)]
+        for j, c in enumerate(unit.carriers):
+            kept[c.roots] += self.ranks[(index, j)] >= thresholds[(c.group, c.kind)]
             covered[c.roots] += 1
         importance = self.importance[index]
         if unit.ties is not None:

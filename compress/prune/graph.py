@@ -39,7 +39,7 @@ from torch_pruning.dependency import index_mapping, shape_infer
 
 from compress.prune.groups import GroupAssigner, compile_pattern, matches
 from compress.models.protocol import raw_forward
-from compress.prune.trace import LayerInfo, OpRecords, record_ops, trace_layers
+from compress.prune.trace import LayerInfo, OpRecords, record_ops, regroups_channels, trace_layers
 from compress.prune.units import Carrier, Member, Unit
 from compress.prune.attention import head_units
 
@@ -172,8 +172,37 @@ def build_graph(model: nn.Module, x: torch.Tensor) -> tuple[tp.DependencyGraph, 
     graph._build_dependency(graph.module2node)
     shape_infer.init_shape_information(graph)
     problems = _fix_splits_and_cats(graph, records)
-    index_mapping.update_index_mapping(graph)
+    for node in graph.module2node.values():
+        shapes = records.reshapes.get(node.grad_fn) if node.type == OT.RESHAPE else None
+        if shapes is not None and regroups_channels(*shapes):
+            problems[node] = (f"a reshape {list(shapes[0])} -> {list(shapes[1])} that regroups the channel axis "
+                              "(a channel shuffle)")
+            node.type = OT.ELEMENTWISE  # torch-pruning re-runs its mappings for every group: skip this node there
+    _update_index_mappings(graph, problems)
     return graph, records, problems
+
+
+_INDEX_MAPPERS = {OT.CONCAT: index_mapping.update_concat_index_mapping, OT.SPLIT: index_mapping.update_split_index_mapping,
+                  OT.RESHAPE: index_mapping.update_reshape_index_mapping,
+                  OT.UNBIND: index_mapping.update_unbind_index_mapping,
+                  OT.EXPAND: index_mapping.update_expand_index_mapping, OT.SLICE: index_mapping.update_slice_index_mapping}
+
+
+def _update_index_mappings(graph: tp.DependencyGraph, problems: dict[Any, str]) -> None:
+    """torch-pruning's `update_index_mapping`, node by node: a node whose channel mapping it cannot work out
+    (a reshape that regroups the channel axis, as a channel shuffle does, divides by zero there) makes the units
+    through it unprunable, with the reason, instead of failing the whole model."""
+    for node in list(graph.module2node.values()):
+        mapper = _INDEX_MAPPERS.get(node.type)
+        if mapper is None:
+            continue
+        try:
+            mapper(graph, node)
+        except (ZeroDivisionError, ValueError, IndexError, TypeError, AttributeError, RuntimeError) as exc:
+            kind = {OT.RESHAPE: "reshape/view"}.get(node.type, str(node.type).split(".")[-1].lower())
+            problems[node] = (f"a {kind} of the channel axis whose index mapping torch-pruning cannot work out "
+                              f"({type(exc).__name__}; e.g. a channel shuffle)")
+            node.type = OT.ELEMENTWISE  # torch-pruning re-runs its mappings for every group: skip this node there
 
 
 def sync_split_sizes(graph: tp.DependencyGraph, records: OpRecords) -> None:
@@ -301,6 +330,9 @@ def _unit_from_group(graph: tp.DependencyGraph, group: Any, root_module: nn.Modu
         if node.type == OT.EXPAND:
             refuse("an expand/repeat of these channels")
             continue
+        if node.type != OT.SPLIT and split_problems.get(node):  # a node whose channel mapping is unknown
+            refuse(split_problems[node])
+            continue
         if node.type not in WEIGHTED:
             continue
         name = _node_name(graph, node)
@@ -403,6 +435,7 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
                               reason=f"layer {name} produces a model output"))
     units.extend(head_units(model, attentions, patterns))
     for unit in units:
+        _refuse_out_of_range(unit, model)
         for carrier in unit.carriers:
             info = layers.get(carrier.name)
             carrier.stride = info.stride if info else None
@@ -410,6 +443,38 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
     analysis = Analysis(model, x, graph, layers, units, sorted(out_names), records)
     score_carriers(analysis)
     return analysis
+
+
+def _refuse_out_of_range(unit: Unit, model: nn.Module) -> None:
+    """A unit whose mapped channel indices fall outside a layer it cuts was mapped wrongly by torch-pruning (a
+    reshape or permutation of the channel axis, e.g. a channel shuffle): it stays whole, its carriers dropped."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for member in unit.members:
+        target = modules.get(member.module, params.get(member.module))
+        if target is None or not len(member.local):
+            continue
+        try:
+            size = _dim_size_of(target, member.dim)
+        except ValueError:
+            continue
+        if int(member.local.max()) >= size or int(member.local.min()) < 0:
+            unit.reason = unit.reason or (f"channel indices mapped outside {member.module} ({size} channels): a "
+                                          "reshape or permutation of the channel axis (e.g. a channel shuffle)")
+            unit.carriers = []
+            return
+
+
+def _dim_size_of(target: nn.Module | nn.Parameter, dim: str) -> int:
+    if isinstance(target, nn.Parameter):
+        return int(target.shape[0])
+    if isinstance(target, nn.modules.conv._ConvNd):
+        return target.out_channels if dim == "out" else target.in_channels
+    if isinstance(target, nn.Linear):
+        return target.out_features if dim == "out" else target.in_features
+    if isinstance(target, nn.modules.batchnorm._NormBase):
+        return target.num_features
+    raise ValueError(type(target).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ _SPLITS = {torch.split: "split", torch.Tensor.split: "split", torch.chunk: "chun
            torch.unbind: "unbind", torch.Tensor.unbind: "unbind",
            torch.Tensor.split_with_sizes: "split"}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+
+
+def regroups_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a reshape splits the channel axis of an NCHW map into two axes, or merges two back into it
+    (what a channel shuffle does around its transpose): torch-pruning maps channels through neither."""
+    split = len(before) == 4 and len(after) == 5 and after[1] * after[2] == before[1] and after[3:] == before[2:]
+    merge = len(before) == 5 and len(after) == 4 and before[1] * before[2] == after[1] and before[3:] == after[2:]
+    return (split or merge) and before[0] == after[0]
 
 
 @dataclass
@@ -119,6 +128,7 @@ class SplitRecord:
 class OpRecords:
     splits: dict[Any, SplitRecord] = field(default_factory=dict)  # grad_fn of the parts -> record
     cats: dict[Any, tuple[int, list[int]]] = field(default_factory=dict)  # grad_fn -> (dim, sizes)
+    reshapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # grad_fn -> shapes
     keep_alive: list[Any] = field(default_factory=list)  # the grad_fns, so their ids stay unique
 
 
@@ -134,6 +144,10 @@ class _RecordMode(TorchFunctionMode):
         try:
             if func in _SPLITS and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
                 self._split(func, args, kwargs, out)
+            elif func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None \
+                    and isinstance(args[0], torch.Tensor):
+                self.records.reshapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+                self.records.keep_alive.append(out.grad_fn)
             elif func in _CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 tensors = args[0] if args else kwargs.get("tensors")
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)

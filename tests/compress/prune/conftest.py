@@ -61,7 +61,7 @@ class PointwiseNet(nn.Module):
 
 
 class ShuffleNet(nn.Module):
-    """A channel shuffle (view + transpose): torch-pruning maps it wrongly, the check must refuse it."""
+    """A channel shuffle (view + transpose): torch-pruning maps it wrongly; the graph finds it by structure."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +74,19 @@ class ShuffleNet(nn.Module):
         b, c, h, w = x.shape
         x = x.view(b, 4, c // 4, h, w).transpose(1, 2).reshape(b, c, h, w)
         return self.head(self.b(x))
+
+
+class FlipNet(nn.Module):
+    """Channels reversed (x.flip(1)): torch-pruning takes it for element-wise, the removal check must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 32)
+        self.b = cbr(32, 32)
+        self.head = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x).flip(1)))
 
 
 class FixedSplitNet(nn.Module):
@@ -105,5 +118,5 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 @pytest.fixture
 def nets():
-    return {"chunk": ChunkNet, "grouped": GroupedNet, "pointwise": PointwiseNet, "shuffle": ShuffleNet,
+    return {"chunk": ChunkNet, "grouped": GroupedNet, "pointwise": PointwiseNet, "shuffle": ShuffleNet, "flip": FlipNet,
             "fixed_split": FixedSplitNet, "randomize_bn": randomize_bn}

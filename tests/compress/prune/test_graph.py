@@ -83,12 +83,20 @@ def test_groupnorm_units_stay_whole():
 
 
 def test_wrong_mapping_is_caught_and_the_layer_named(nets):
-    model = nets["randomize_bn"](nets["shuffle"]())
+    model = nets["randomize_bn"](nets["flip"]())
     with pytest.raises(PruneError, match=r"pruning a\.0 gives a wrong model .* ignore list"):
         _prune(model, ratios={"*": 0.5})
-    model = nets["randomize_bn"](nets["shuffle"]())
+    model = nets["randomize_bn"](nets["flip"]())
     _prune(model, ratios={"*": 0.5}, ignore=["a.*"])
     assert model.a[0].out_channels == 32 and model.b[0].out_channels < 32
+
+
+def test_channel_shuffle_is_found_by_structure(nets):
+    model = nets["randomize_bn"](nets["shuffle"]())
+    reasons = {u.name: u.reason for u in analyze(model, X).units}
+    assert "regroups the channel axis (a channel shuffle)" in reasons["a.0"], reasons
+    _prune(model, ratios={"*": 0.5})
+    assert model.a[0].out_channels == 32 and model.b[0].out_channels < 32 and model(X).shape == (2, 5, 8, 8)
 
 
 def test_unprunable_model_raises_clear_error():
@@ -105,3 +113,38 @@ def test_masked_reference_matches_removal(nets):
     reference = masked_copy(model, list(zip(units, keeps)))
     remove_units(analysis, units, keeps, verify=False)
     assert compare_outputs(reference, model, X) is None
+
+
+class _ShuffleNetlet(nn.Module):
+    """Two ShuffleNet-v2 blocks: chunk, branch (1x1, depthwise 3x3, 1x1), concat, channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 24, 3, 1, 1, groups=24),
+            nn.BatchNorm2d(24), nn.Conv2d(24, 16, 1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(2))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            left, right = x.chunk(2, dim=1)
+            x = torch.cat([left, block(right)], dim=1)
+            b, c, h, w = x.shape
+            x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def test_channel_shuffle_is_pruned_inside_branches_and_stays_whole_across_the_shuffle():
+    torch.manual_seed(0)
+    model = _ShuffleNetlet().eval()
+    x = torch.rand(2, 3, 32, 32)
+    analysis = analyze(model, x)
+    whole = [u for u in analysis.units if u.reason and "channel shuffle" in u.reason]
+    assert whole, [u.reason for u in analysis.units]
+    inner = {(m.module, m.dim) for u in analysis.prunable_units() for m in u.members}
+    assert ("blocks.0.0", "out") in inner and ("blocks.1.0", "out") in inner  # the branches' hidden channels
+    result = prune_model(model, PruneConfig(target={"params": 0.2}), x, log=lambda _: None)
+    assert 0.18 <= 1 - result.figures["params_ratio"] <= 0.22
+    assert result.model(x).shape == (2, 5)

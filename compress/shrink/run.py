@@ -138,6 +138,27 @@ def check_forward(spec: str, model: nn.Module, data: Dataset, task: str) -> None
                         f"failed: {type(exc).__name__}: {reason}; check --image-size / --num-classes / --task")
 
 
+def has_prunable_channels(net: nn.Module, data: Dataset, task: str, say: Callable[[str], None]) -> bool:
+    """Whether the model has channels pruning may remove; when it has none, say why (the shrink then quantizes
+    only, as a user asking for a smaller file expects, instead of failing)."""
+    from compress.prune import ScopeConfig, analyze_scope
+    from compress.tasks import get_task
+
+    x = get_task(task).inputs(next(iter(get_task(task).loader(data, 2, shuffle=False))))
+    probe = copy.deepcopy(net).eval()
+    try:
+        analysis = analyze_scope(probe, x.to(next(net.parameters()).device), ScopeConfig())
+    except UserError as exc:
+        reason = str(exc)
+    else:
+        if analysis.prunable_units():
+            return True
+        reason = "; ".join(sorted({u.reason or "" for u in analysis.units})[:3]) or "no conv or linear layers"
+    print(f"warning: no channel can be pruned ({reason}); quantizing only", file=sys.stderr, flush=True)
+    say("prune: skipped, no prunable channels")
+    return False
+
+
 def build_recipe(config: ShrinkConfig, image_size: int, ref: dict[str, Any]) -> Recipe:
     """The in-memory recipe a shrink runs: prune (+ recover) when asked, then quantize."""
     stages: list[dict[str, Any]] = []
@@ -247,6 +268,9 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     say(f"calibration: {len(data)} images of {where} ({labelled})")
     say(f"preprocessing: {pre.describe()}")
 
+    if prune > 0 and not has_prunable_channels(net, data, task, say):
+        prune = 0.0
+        config = config.model_copy(update={"prune": 0.0})
     recipe = build_recipe(config, pre.image_size, ref)
     ctx_task = get_task(task)
     before = measure(net, ctx_task.example_input(net, pre.image_size))
@@ -297,7 +321,8 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
               "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
               "stages": [{"name": n, **f, "seconds": round(s, 3)} for n, f, s in rows]}
     if verify:
-        result["verify_max_diff"] = _verify(out, net, data, task, config.batch_size)
+        model_file = model[len("file:"):].rsplit(":", 1)[0] if model.startswith("file:") else None
+        result["verify_max_diff"] = _verify(out, net, data, task, config.batch_size, model_file)
     result["seconds"] = round(time.perf_counter() - start, 1)
     say(_table(rows))
     if verify:
@@ -306,7 +331,8 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
 
 
 @torch.no_grad()
-def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: int) -> float:
+def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: int,
+            model_file: str | None = None) -> float:
     """Reload the artifact and compare its outputs with the in-memory model on one calibration batch."""
     from compress.format.artifact import load
     from compress.tasks import get_task
@@ -314,7 +340,7 @@ def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: i
     loader = get_task(task).loader(data, min(batch_size, 4), shuffle=False)
     x = get_task(task).inputs(next(iter(loader)))
     device = next(model.parameters()).device
-    reloaded = load(out, device=device)
+    reloaded = load(out, device=device, model_file=model_file)
     model.eval()
     with raw_outputs(model), raw_outputs(reloaded):
 

@@ -267,3 +267,17 @@ def test_config_object_and_keywords_give_the_same_artifact(trained, tmp_path: Pa
     assert by_keywords["file_bytes"] == by_config["file_bytes"]
     with pytest.raises(UserError, match="shrink.prune: .*--prune 2"):
         ShrinkConfig.from_options(model=SPEC, num_classes=10, prune=2)
+
+
+def test_a_model_without_prunable_channels_is_quantized_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    builder = tmp_path / "tiny.py"
+    builder.write_text("import torch.nn as nn\n\nclass Net(nn.Module):\n    def __init__(self, n):\n"
+                       "        super().__init__()\n        self.conv = nn.Conv2d(3, n, 3)\n\n"
+                       "    def forward(self, x):\n        return self.conv(x).mean((2, 3))\n\n"
+                       "def build(num_classes):\n    return Net(num_classes)\n")
+    result = shrink(None, f"file:{builder}:build", tmp_path / "o.safetensors", 10, prune=0.3, bits=4, method="rtn",
+                    calib_samples=4, batch_size=4)
+    captured = capsys.readouterr()
+    assert "no channel can be pruned" in captured.err and "quantizing only" in captured.err
+    assert [s["name"] for s in result["stages"]] == ["input", "quantize"]
+    assert (tmp_path / "o.safetensors").is_file()

@@ -15,9 +15,11 @@ def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[st
     """Run a recipe (object or YAML path) into the run directory `out`; returns the report."""
     from compress.pipeline import run as run_pipeline
 
+    inputs = []
     if not isinstance(recipe, Recipe):
+        inputs.append(recipe)
         recipe = load_recipe(recipe, overrides)
-    return run_pipeline(recipe, out, resume=resume)
+    return run_pipeline(recipe, out, resume=resume, inputs=inputs)
 
 
 def quantize(model, calib_batches, method: str = "jlcm", bits: float | None = None, **options):

@@ -128,7 +128,12 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     manifest_json = _decode_manifest(path, metadata)
     if hashlib.sha256(manifest_json.encode()).hexdigest() != metadata.get("manifest_sha256"):
         raise ArtifactError(f"{path}: manifest checksum mismatch; the header is damaged")
-    manifest = json.loads(manifest_json)
+    try:
+        manifest = json.loads(manifest_json)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: the manifest is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: the manifest must be a JSON object (got {type(manifest).__name__})")
     try:
         tensors = load_bytes(raw)
     except SafetensorError as exc:
@@ -159,27 +164,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
     Models built by `file:` builders need that same file again as `model_file`.
     """
     import compress.stages  # noqa: F401  (stages register the restorers of what they change)
-    from compress.checkpoint import apply_restorers
-    from compress.models import build_model
+    from compress.artifact.validate import check_manifest
 
     tensors, manifest = read_artifact(path)
-    spec = manifest.get("model") or {}
-    build = spec.get("build", "")
-    if build.startswith("file:"):
-        build = _rebuild_file_spec(Path(path), build, spec, model_file)
-    try:
-        model = build_model(build, num_classes=spec["num_classes"], **spec.get("options", {}))
-        model = apply_restorers(model, manifest.get("model_meta") or {})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: the manifest does not describe a buildable model ({exc})") from None
-    state = model.state_dict()
-    missing = sorted(set(state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(state))
-    wrong = [k for k in state if k in tensors and tuple(state[k].shape) != tuple(tensors[k].shape)]
-    if missing or unexpected or wrong:
-        raise ArtifactError(f"{path}: the manifest does not match the tensors (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
-    model.load_state_dict(tensors, strict=True)
+    check_manifest(manifest, tensors, str(path), model_file)  # every field, before anything is built
+    model = build_validated(Path(path), manifest["model"], manifest.get("model_meta") or {}, tensors, model_file)
     if materialize:
         from compress.quant import materialize as to_dense
 
@@ -187,11 +176,37 @@ def load(path: str | Path, device: str | torch.device = "cpu", materialize: bool
     return model.to(device).eval()
 
 
+def build_validated(path: Path, spec: dict[str, Any], meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    model_file: str | Path | None = None) -> nn.Module:
+    """The model of a validated spec and model_meta, checked against the tensors, which are then loaded."""
+    from compress.artifact.validate import check_against_model, check_pruned_modules
+    from compress.checkpoint import apply_restorers
+    from compress.models import build_model
+
+    build = spec["build"]
+    if build.startswith("file:"):
+        build = _rebuild_file_spec(path, build, spec, model_file)
+    try:
+        model = build_model(build, num_classes=spec["num_classes"], **(spec.get("options") or {}))
+        model = apply_restorers(model, meta)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ArtifactError(f"{path}: the manifest does not describe a buildable model ({reason})") from None
+    check_pruned_modules(model, meta, str(path))
+    check_against_model(model, tensors, str(path))
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
 def _rebuild_file_spec(path: Path, build: str, spec: dict[str, Any], model_file: str | Path | None) -> str:
     if model_file is None:
         raise ArtifactError(f"{path}: the model was built by {build!r}; pass that file again (model_file=...) "
                             "to rebuild it")
+    if not Path(model_file).is_file():
+        raise ArtifactError(f"{path}: model file {model_file} not found")
+    if not isinstance(spec.get("file_sha256"), str):
+        raise ArtifactError(f"{path}: model.file_sha256 is missing; the file cannot be matched to {model_file}")
     digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
-    if spec.get("file_sha256") and digest != spec["file_sha256"]:
+    if digest != spec["file_sha256"]:
         raise ArtifactError(f"{path}: {model_file} is not the file the model was built from (sha256 differs)")
     return "file:" + str(model_file) + ":" + build.rsplit(":", 1)[1]

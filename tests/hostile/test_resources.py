@@ -1,0 +1,124 @@
+"""Bounded resources: YAML aliases and duplicate keys, image pixels, images that do not decode."""
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from calib import DataError
+from tests.hostile.conftest import RUN_RECIPE, refused
+
+BOMB = """
+a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_yaml_alias_bomb_in_model_options(capsys, tmp_path) -> None:
+    bomb = "\n".join("  " + line for line in BOMB.strip().splitlines())
+    text = RUN_RECIPE.replace('model: {build: "compress:digits-cnn", num_classes: 10}',
+                              'model:\n  build: "compress:digits-cnn"\n  num_classes: 10\n  options:\n    bomb:\n'
+                              + "\n".join("  " + line for line in bomb.splitlines()))
+    recipe = _write(tmp_path / "src" / "bomb.yaml", text)
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"aliases expand the document past 100,000",
+            tmp_path)
+    from compress import safe_yaml
+
+    start = time.perf_counter()  # the refusal itself is cheap (the 1e9-node document is never built)
+    with pytest.raises(safe_yaml.YAMLInputError):
+        safe_yaml.load(recipe.read_text(), "bomb.yaml")
+    assert time.perf_counter() - start < 1
+
+
+def test_small_alias_bomb_past_the_node_limit(capsys, tmp_path) -> None:
+    # few alias uses (under the count limit) that still expand past the node limit: 10 levels of 10 aliases
+    # would be 100 uses; 6 levels of 2 * 10-element lists stay under it but expand 1e6-fold
+    lines = ['a0: &a0 [' + ", ".join(['"x"'] * 50) + ']']
+    for k in range(1, 6):
+        lines.append(f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 16) + "]")
+    recipe = _write(tmp_path / "src" / "bomb.yaml", "\n".join(lines) + "\n")
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"aliases expand the document past", tmp_path)
+
+
+def test_bomb_in_a_set_value(capsys, tmp_path) -> None:
+    recipe = _write(tmp_path / "src" / "r.yaml", RUN_RECIPE)
+    value = "{a: &a [x,x,x,x,x,x,x,x,x,x], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]," \
+            " d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d," \
+            "*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d," \
+            "*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}"
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out"), "--set", f"model.options.x={value}"],
+            r"--set model\.options\.x: not valid YAML \(.*alias", tmp_path)
+
+
+def test_duplicate_keys(capsys, tmp_path) -> None:
+    recipe = _write(tmp_path / "src" / "r.yaml", RUN_RECIPE.replace("seed: 0\n", "seed: 0\nseed: 1\n"))
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"duplicate key 'seed' \(first at line 3\)",
+            tmp_path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [200_000, 12_000])
+def test_png_decompression_bomb(tmp_path, capsys, side) -> None:
+    import calib
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(_png_header(side, side))
+    data = calib.get_dataset("folder", "calib", root=folder, use_all=True)
+    with pytest.raises(DataError, match=r"bomb\.png: image (too large to decode|of 12000x12000 pixels is over)"):
+        data[0]
+    refused(capsys, ["shrink", "none", "--model", "compress:digits-cnn", "--num-classes", "10", "--method", "rtn",
+                     "--calib", str(folder), "--image-size", "32", "-o", str(tmp_path / "o.safetensors")],
+            r"bomb\.png: image", tmp_path)
+
+
+def _image_folder(root: Path, truncated: bool) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(2):
+                Image.new("RGB", (40, 40), (k * 90, 30, 200)).save(folder / f"{k}.jpg", quality=90)
+    if truncated:
+        victim = root / "train" / "b" / "1.jpg"
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) * 2 // 3])
+    return root
+
+
+def test_truncated_jpeg_found_before_training(capsys, tmp_path) -> None:
+    root = _image_folder(tmp_path / "data", truncated=True)
+    text = RUN_RECIPE.replace("train: {source: digits, split: train, samples: 16}",
+                              f"train: {{source: folder, split: train, root: {root}, options: {{image_size: 32}}}}")
+    text = text.replace("val: {source: digits, split: val, samples: 16}",
+                        f"val: {{source: folder, split: val, root: {root}, options: {{image_size: 32}}}}")
+    text = text.replace("num_classes: 10", "num_classes: 2").replace("- evaluate: {split: val}",
+                                                                     "- finetune: {epochs: 2}")
+    recipe = _write(tmp_path / "src" / "r.yaml", text)
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"1\.jpg: cannot (decode|read) image", tmp_path)
+    assert not (tmp_path / "out").exists()

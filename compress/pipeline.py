@@ -237,13 +237,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
     exports = _export_names(recipe, run_dir)
     rundir.check_out(run_dir, exports, [*inputs, recipe.model.checkpoint])
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, task=get_task(recipe.task))
-    model = None
-    if not (run_dir / REPORT).exists():  # a fresh run: everything that can fail on bad input fails before any write
-        set_seed(recipe.seed)
-        model = _preflight(recipe, ctx)
-    accelerator.wait_for_everyone()
-    with rundir.claim(run_dir, ctx.is_main):
-        return _run_claimed(recipe, run_dir, resume, accelerator, ctx, model)
+    with rundir.claim(run_dir, ctx.is_main):  # a second run on run_dir fails here, at once
+        return _run_claimed(recipe, run_dir, resume, accelerator, ctx)
 
 
 def _export_names(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -267,6 +262,14 @@ def _preflight(recipe: Recipe, ctx: RunContext) -> nn.Module:
     except TypeError as exc:
         raise ModelSpecError(f"model: {recipe.model.build} does not take these options "
                              f"({' '.join(str(exc).split())[:200]}); check model.options") from None
+    for i, stage in enumerate(recipe.stages):  # a teacher checkpoint is read (and checked) now, not stages later
+        teacher = getattr(stage.config, "teacher", None) if stage.name == "distill" else None
+        if teacher and teacher != "before-prune":
+            from compress.artifact.validate import read_stage_checkpoint
+
+            if not Path(teacher).is_file():
+                raise UserError(f"stages.{i}.distill.teacher: {teacher} not found")
+            read_stage_checkpoint(teacher, allow_build=recipe.model.build)
     if ctx.is_main:
         for role in ("train", "val"):
             data = ctx.dataset(role)
@@ -281,14 +284,18 @@ def _preflight(recipe: Recipe, ctx: RunContext) -> nn.Module:
     return model
 
 
-def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accelerator, ctx: RunContext,
-                 model: nn.Module | None) -> dict[str, Any]:
+def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accelerator,
+                 ctx: RunContext) -> dict[str, Any]:
     from compress.rundir import inside
 
     if not resume and (run_dir / "recipe.yaml").exists() and not (run_dir / REPORT).exists():
         raise RunDirError(f"{run_dir} already holds an unfinished run (no stage finished); add --resume to start it "
                           "again, or choose another --out")
     done = _check_run_dir(recipe, run_dir, resume)
+    model = None
+    if not done:  # everything that can fail on bad input fails before the first write
+        set_seed(recipe.seed)
+        model = _preflight(recipe, ctx)
     accelerator.wait_for_everyone()
     if ctx.is_main:
         if (run_dir / "recipe.yaml").exists() and not done:
@@ -307,9 +314,6 @@ def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accel
                                            allow_build=recipe.model.build)
         ctx.log(f"resuming {run_dir} after stage {last['name']} ({len(done)} finished)")
     else:
-        if model is None:  # a report without finished stages
-            set_seed(recipe.seed)
-            model = _preflight(recipe, ctx)
         ctx.log(f"run {recipe.name}: {recipe.model.build} on {recipe.data.train.source}, "
                 f"{accelerator.num_processes} process(es) on {accelerator.device}")
     model = model.to(ctx.device)

@@ -23,6 +23,7 @@ from compress.errors import UserError
 FORMAT = "compress-artifact"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
+MAX_MANIFEST_BYTES = 64_000_000  # the manifest once inflated (a real one is kilobytes)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -146,13 +147,21 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 def _decode_manifest(path: Path, metadata: dict[str, str]) -> str:
     encoding = metadata.get("manifest_encoding", "json")
     raw = metadata.get("manifest", "")
+    if not isinstance(raw, str):
+        raise ArtifactError(f"{path}: the manifest must be a string in the metadata")
     if encoding == "json":
         return raw
     if encoding != "zlib+base64":
         raise ArtifactError(f"{path}: unknown manifest encoding {encoding!r}")
     try:
-        return zlib.decompress(base64.b64decode(raw.encode("ascii"), validate=True)).decode("utf-8")
-    except (ValueError, zlib.error, UnicodeError) as exc:
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(base64.b64decode(raw.encode("ascii"), validate=True), MAX_MANIFEST_BYTES)
+        if inflate.unconsumed_tail:  # a zlib bomb: more than the cap once inflated
+            raise ArtifactError(f"{path}: the manifest inflates past {MAX_MANIFEST_BYTES:,} bytes; refused")
+        return text.decode("utf-8")
+    except (ValueError, zlib.error, UnicodeError, AttributeError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
         raise ArtifactError(f"{path}: the manifest cannot be decoded ({exc.__class__.__name__}); the header is damaged") from None
 
 

@@ -110,6 +110,8 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         values = values * 3
     if len(values) != 3:
         raise UserError(f"{option} {text!r}: expected 1 or 3 values (one per RGB channel), got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{option} {text!r}: every value must be a finite number")
     if option == "--std" and any(v <= 0 for v in values):
         raise UserError(f"--std {text!r}: every value must be > 0")
     return values

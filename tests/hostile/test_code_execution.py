@@ -81,3 +81,21 @@ def test_resume_from_a_checkpoint_switched_to_a_python_file(run_copy, corpus, he
             r"not the file stage .* wrote", run_copy)
     refused(capsys, ["report", str(run_copy)], r"not the file stage evaluate wrote", run_copy)
     assert not helper[1].exists()
+
+
+def test_distill_teacher_naming_a_python_file(file_checkpoint, helper, capsys, tmp_path) -> None:
+    from tests.hostile.conftest import RUN_RECIPE
+
+    (tmp_path / "src").mkdir()
+    recipe = tmp_path / "src" / "r.yaml"
+    recipe.write_text(RUN_RECIPE.replace("- evaluate: {split: val}",
+                                         f"- distill: {{teacher: {file_checkpoint}, epochs: 1}}"))
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"never imported", tmp_path)
+    assert not helper[1].exists() and not (tmp_path / "out").exists()
+
+
+def test_onnx_export_of_an_artifact_naming_a_python_file(corpus, helper, capsys, tmp_path) -> None:
+    manifest = {**corpus["manifest"], "model": {**SPEC, "build": f"file:{helper[0]}:build", "file_sha256": "0" * 64}}
+    path = write_forged_artifact(tmp_path / "a.safetensors", corpus["tensors"], manifest)
+    refused(capsys, ["export", str(path), "--onnx", str(tmp_path / "m.onnx")], r"never imported", tmp_path)
+    assert not helper[1].exists()

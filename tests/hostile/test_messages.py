@@ -136,3 +136,9 @@ def test_run_refusals_write_nothing(capsys, tmp_path) -> None:
 
     assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists() and set(tree(tmp_path)) - set(before) == {"src/r.yaml"}
+
+
+def test_shrink_std_not_finite(capsys, tmp_path) -> None:
+    refused(capsys, ["shrink", "none", "--model", "compress:digits-cnn", "--num-classes", "10", "--std", "nan",
+                     "-o", str(tmp_path / "o.safetensors")], r"--std 'nan': every value must be a finite number",
+            tmp_path)

@@ -166,3 +166,46 @@ def test_shrink_that_gives_nan_leaves_no_artifact(corpus, capsys, tmp_path) -> N
     before = tree(tmp_path)
     refused(capsys, ["shrink", str(huge), *SHRINK, "-o", str(out)], r"NaN or infinite", tmp_path)
     assert tree(tmp_path) == before and not out.exists()
+
+
+@pytest.mark.integration
+def test_two_runs_on_one_out_at_once(capsys, tmp_path) -> None:
+    """A real second process: the first holds the lock while it trains; the second fails at once naming it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = RUN_RECIPE.replace("- evaluate: {split: val}", "- finetune: {epochs: 5000, warmup_epochs: 0}")
+    recipe = _recipe(tmp_path / "src", text)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (out / "log.txt").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second could start"
+        log_before = (out / "log.txt").read_text()
+        from compress.cli import main
+
+        capsys.readouterr()
+        assert main(["run", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"another run is using this folder (pid {first.pid} on" in err, err
+        assert (out / "log.txt").read_text().startswith(log_before), "the second run must not write to the log"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_report_checkpoint_symlinked_outside_the_run(run_copy, finished_run, capsys, tmp_path) -> None:
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"x" * 64)
+    ckpt = run_copy / json.loads((run_copy / "report.json").read_text())["stages"][0]["checkpoint"]
+    ckpt.unlink()
+    ckpt.symlink_to(secret)
+    refused(capsys, ["report", str(run_copy)], r"points outside the run directory", run_copy)
+    refused(capsys, ["run", str(finished_run["recipe"]), "--out", str(run_copy), "--resume"],
+            r"points outside the run directory", run_copy)

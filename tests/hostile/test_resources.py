@@ -122,3 +122,60 @@ def test_truncated_jpeg_found_before_training(capsys, tmp_path) -> None:
     recipe = _write(tmp_path / "src" / "r.yaml", text)
     refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"1\.jpg: cannot (decode|read) image", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_zlib_bomb_manifest(corpus, tmp_path) -> None:
+    import base64
+    import hashlib
+    import zlib
+
+    from compress.artifact import ArtifactError, load
+    from compress.checkpoint import atomic_save_safetensors
+
+    text = " " * 70_000_000  # 70 MB of spaces: ~70 KB compressed
+    meta = {"format": "compress-artifact/1", "manifest_encoding": "zlib+base64",
+            "manifest": base64.b64encode(zlib.compress(text.encode(), 9)).decode(),
+            "manifest_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    path = tmp_path / "zbomb.safetensors"
+    atomic_save_safetensors(path, dict(corpus["tensors"]), meta)
+    with pytest.raises(ArtifactError, match="inflates past 64,000,000 bytes"):
+        load(path)
+
+
+def test_yolo_data_yaml_bomb(tmp_path) -> None:
+    import calib
+
+    root = tmp_path / "yolo"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(root / "images" / "a.jpg")
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text(BOMB + "names: *i\n")
+    with pytest.raises(DataError, match=r"data\.yaml: malformed YAML .*aliases expand"):
+        calib.get_dataset("yolo", "train", root=root, use_all=True)
+
+
+def test_huge_recipe_file(capsys, tmp_path) -> None:
+    (tmp_path / "src").mkdir()
+    recipe = tmp_path / "src" / "r.yaml"
+    recipe.write_text(RUN_RECIPE + "#" * 2_000_000 + "\n")
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"too large for a recipe", tmp_path)
+
+
+def test_deeply_nested_yaml(capsys, tmp_path) -> None:
+    (tmp_path / "src").mkdir()
+    recipe = tmp_path / "src" / "r.yaml"
+    recipe.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out")], r"nested", tmp_path)
+
+
+def test_deeply_nested_manifest_json(corpus, tmp_path) -> None:
+    from compress.artifact import ArtifactError, load
+    from tests.hostile.conftest import write_forged_artifact
+
+    path = write_forged_artifact(tmp_path / "deep.safetensors", corpus["tensors"], None,
+                                 raw_manifest="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ArtifactError, match="manifest is not valid JSON"):
+        load(path)

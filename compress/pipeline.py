@@ -5,7 +5,10 @@ Run directory:
     log.txt                          what the console showed, with times
     report.json                      {"recipe", "seed", "task", "stages": [...]}; rewritten atomically
     stages/NN-NAME/model.safetensors tensors + JSON to rebuild the model without pickle
-    stages/NN-NAME/metrics.json      the stage's entry of the report
+    stages/NN-NAME/metrics.json      the stage's entry of the report (with the checkpoint file's sha256)
+    compress.lock                    held (flock) while a run works; names its pid (compress/rundir.py)
+The folder must be new, empty or a run's own; bad input (model options, classes, undecodable images) is
+found before it is touched, and `--resume` checks every finished checkpoint's SHA-256 and the stored recipe.
 A stage counts as finished once its entry is in report.json (written after its files), so `kill -9` at
 any moment loses at most the stage in progress. Each stage seeds from (recipe seed, stage index), so a
 resumed run gives the same files as an uninterrupted one.

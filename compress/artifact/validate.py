@@ -84,7 +84,7 @@ def check_options(options: Any, where: str, field: str = "model.options") -> dic
     for key, value in options.items():
         if not isinstance(key, str) or not key.isidentifier():
             raise _fail(where, f"{field}: {_show(key)} is not an option name")
-        if OPTION_KEY_REFUSED.search(key):
+        if OPTION_KEY_REFUSED.search(key) and value not in (None, False, "", 0):  # `pretrained: false` is harmless
             raise _fail(where, f"{field}.{key}: options that name files, URLs or weights are refused in a file "
                                "(a model is rebuilt from its stored tensors only)")
         values = value if isinstance(value, list) else [value]
@@ -199,7 +199,8 @@ def _check_layout(layout: Any, where: str, at: str) -> dict[str, Any]:
             raise _fail(where, f"{at}.double_quant must be true or false")
     elif fmt == "codebook":
         _int(layout.get("bits"), where, f"{at}.bits", 1, 8)
-        _int(layout.get("groups"), where, f"{at}.groups", 1, rows)
+        _int(layout.get("groups"), where, f"{at}.groups", 1, MAX_DIM)  # may exceed rows (empty groups); the
+        # stored codebook / scale tensors must still have exactly this many rows (checked against the file)
         if layout.get("codebook") not in CODEBOOKS:
             raise _fail(where, f"{at}.codebook must be one of {', '.join(CODEBOOKS)} (got {_show(layout.get('codebook'))})")
         if layout.get("row_map") not in ROW_MAPS:

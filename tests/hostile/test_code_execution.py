@@ -99,3 +99,13 @@ def test_onnx_export_of_an_artifact_naming_a_python_file(corpus, helper, capsys,
     path = write_forged_artifact(tmp_path / "a.safetensors", corpus["tensors"], manifest)
     refused(capsys, ["export", str(path), "--onnx", str(tmp_path / "m.onnx")], r"never imported", tmp_path)
     assert not helper[1].exists()
+
+
+def test_option_rules() -> None:
+    from compress.artifact.validate import check_options
+
+    assert check_options({"pretrained": False, "drop_rate": 0.1, "widths": [8, 16], "act_layer": "relu"}, "f")
+    for bad in ({"pretrained": True}, {"checkpoint_path": "w.pt"}, {"cache_dir": "x"}, {"x": {"a": 1}},
+                {"x": "a/b"}, {"x": float("nan")}, {"not an identifier": 1}):
+        with pytest.raises(ArtifactError, match=r"model\.options"):
+            check_options(bad, "f")

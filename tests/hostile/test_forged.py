@@ -83,8 +83,11 @@ FORGED = {
     "NaN in a tensor": (None, _nan, r"tensor stem\.1\.running_var holds NaN"),
     "quant layout bits 9": (lambda m: _layer(m, "head")["layout"].update(bits=9), None,
                             r"layers\.1\.layout\.bits must be an integer in \[1, 8\]"),
-    "quant layout groups > rows": (lambda m: _layer(m, "head")["layout"].update(groups=11), None,
-                                   r"layout\.groups must be an integer in \[1, 10\]"),
+    "quant layout groups 0": (lambda m: _layer(m, "head")["layout"].update(groups=0), None,
+                              r"layout\.groups must be an integer in \[1, "),
+    "quant layout groups not matching the stored codebook": (
+        lambda m: _layer(m, "head")["layout"].update(groups=5), None,
+        r"tensor head\.weight_codebook is float16 \[2, 8\], the layout needs float16 \[5, 8\]"),
     "quant attr not a weight": (lambda m: _layer(m, "head").update(attr="bias"), None, r"\.attr must be one of"),
     "unknown model_meta key": (lambda m: m["model_meta"].update(exec="x"), None, r"model_meta has unknown keys"),
     "task is neither": (lambda m: m.update(task="regression"), None, r"task must be one of"),

@@ -442,6 +442,8 @@ def export(
 
     if not artifact.is_file():
         raise UserError(f"{artifact}: file not found")
+    if onnx.expanduser().resolve() == artifact.expanduser().resolve():
+        raise UserError(f"--onnx {onnx}: that is the input artifact; write the ONNX file elsewhere")
     try:
         from compress.onnx import export_onnx
     except ImportError as exc:

@@ -240,8 +240,8 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
     exports = _export_names(recipe, run_dir)
     rundir.check_out(run_dir, exports, [*inputs, recipe.model.checkpoint])
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, task=get_task(recipe.task))
-    with rundir.claim(run_dir, ctx.is_main):  # a second run on run_dir fails here, at once
-        return _run_claimed(recipe, run_dir, resume, accelerator, ctx)
+    with rundir.claim(run_dir, ctx.is_main) as claimed:  # a second run on run_dir fails here, at once
+        return _run_claimed(recipe, run_dir, resume, accelerator, ctx, claimed)
 
 
 def _export_names(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -288,7 +288,7 @@ def _preflight(recipe: Recipe, ctx: RunContext) -> nn.Module:
 
 
 def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accelerator,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, claimed: dict[str, bool]) -> dict[str, Any]:
     from compress.rundir import inside
 
     if not resume and (run_dir / "recipe.yaml").exists() and not (run_dir / REPORT).exists():
@@ -320,6 +320,7 @@ def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accel
         ctx.log(f"run {recipe.name}: {recipe.model.build} on {recipe.data.train.source}, "
                 f"{accelerator.num_processes} process(es) on {accelerator.device}")
     model = model.to(ctx.device)
+    claimed["started"] = True  # from here on, a failure leaves a folder that --resume can continue
 
     for index, name in planned_stages(recipe)[len(done):]:
         ctx.stage_index, ctx.stage_name, ctx.stage_metrics, ctx.file_overhead_bytes = index, name, {}, 0

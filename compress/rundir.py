@@ -84,10 +84,12 @@ def holder(run_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def claim(run_dir: Path, is_main: bool = True) -> Iterator[None]:
-    """Create `run_dir` (removed again if the run fails before writing anything else) and hold its lock."""
+def claim(run_dir: Path, is_main: bool = True) -> Iterator[dict[str, bool]]:
+    """Create `run_dir` and hold its lock. Yields a dict: until the run sets "started" (its first stage begins),
+    a failure removes what the run wrote in a folder it created, so bad input leaves nothing behind."""
+    state = {"started": False}
     if not is_main:
-        yield
+        yield state
         return
     import fcntl
 
@@ -118,14 +120,14 @@ def claim(run_dir: Path, is_main: bool = True) -> Iterator[None]:
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     ok = False
     try:
-        yield
+        yield state
         ok = True
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
         if created:
-            if not ok:
+            if not ok and not state["started"]:
                 _remove_if_only_setup(run_dir)
             with contextlib.suppress(OSError):
                 run_dir.rmdir()  # only when empty

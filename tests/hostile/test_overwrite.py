@@ -209,3 +209,9 @@ def test_report_checkpoint_symlinked_outside_the_run(run_copy, finished_run, cap
     refused(capsys, ["report", str(run_copy)], r"points outside the run directory", run_copy)
     refused(capsys, ["run", str(finished_run["recipe"]), "--out", str(run_copy), "--resume"],
             r"points outside the run directory", run_copy)
+
+
+def test_onnx_export_over_its_artifact(corpus, capsys, tmp_path) -> None:
+    artifact = tmp_path / "model.safetensors"
+    artifact.write_bytes(corpus["artifact"].read_bytes())
+    refused(capsys, ["export", str(artifact), "--onnx", str(artifact)], r"that is the input artifact", tmp_path)

@@ -179,3 +179,23 @@ def test_deeply_nested_manifest_json(corpus, tmp_path) -> None:
                                  raw_manifest="[" * 100_000 + "]" * 100_000)
     with pytest.raises(ArtifactError, match="manifest is not valid JSON"):
         load(path)
+
+
+def test_truncated_image_in_a_coco_set_found_by_the_check(tmp_path) -> None:
+    import json
+
+    import calib
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    Image.effect_noise((64, 64), 60).convert("RGB").save(root / "images" / "a.jpg", quality=95)
+    data = (root / "images" / "a.jpg").read_bytes()
+    (root / "images" / "a.jpg").write_bytes(data[: len(data) // 2])
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+           "categories": [{"id": 1, "name": "thing"}]}
+    (root / "annotations.json").write_text(json.dumps(ann))
+    dataset = calib.get_dataset("coco", "train", root=root, use_all=True)
+    with pytest.raises(DataError, match=r"a\.jpg: cannot (decode|read) image"):
+        dataset.check_images()

@@ -178,7 +178,7 @@ def read_report(run_dir: Path) -> dict[str, Any]:
             raise RunDirError(f"{where}.metrics must map names to numbers")
         for key in ("params", "macs", "size_bytes", "bits_per_weight", "seconds"):
             value = stage.get(key)
-            if not isinstance(value, number) or isinstance(value, bool) or value < 0 or value != value:
+            if not isinstance(value, number) or isinstance(value, bool) or not value >= 0:  # NaN fails too
                 raise RunDirError(f"{where}.{key} must be a number >= 0 (got {value!r})")
         if stage["size_bytes"] <= 0 or stage["params"] <= 0:
             raise RunDirError(f"{where}: params and size_bytes must be > 0")

@@ -97,7 +97,7 @@ def load(text: str | bytes, where: str) -> Any:
     if "\x00" in text:
         raise YAMLInputError(f"{where}: holds NUL bytes; a recipe is a YAML text file")
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise YAMLInputError(f"{where}: not valid YAML ({_describe(exc)})") from None
     except RecursionError:

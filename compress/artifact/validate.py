@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from compress.artifact.io import FORMAT, FORMAT_VERSION, ArtifactError
 

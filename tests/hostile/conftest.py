@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 SPEC = {"build": "compress:digits-cnn", "num_classes": 10, "options": {}}
 

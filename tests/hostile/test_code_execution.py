@@ -109,3 +109,11 @@ def test_option_rules() -> None:
                 {"x": "a/b"}, {"x": float("nan")}, {"not an identifier": 1}):
         with pytest.raises(ArtifactError, match=r"model\.options"):
             check_options(bad, "f")
+
+
+def test_model_file_named_by_the_user_is_used(file_checkpoint, helper, capsys) -> None:
+    """The same checkpoint opens when the user names the file themselves (and only then does it run)."""
+    from compress.cli import main
+
+    assert main(["inspect", str(file_checkpoint), "--model-file", str(helper[0]), "--image-size", "32"]) == 0
+    assert helper[1].exists()

@@ -136,8 +136,9 @@ def test_coco_file_name_outside_the_dataset(tmp_path, file_name) -> None:
 
 
 def test_voc_filename_outside_the_dataset(tmp_path) -> None:
-    import calib
     from PIL import Image
+
+    import calib
 
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)

@@ -184,8 +184,9 @@ def test_deeply_nested_manifest_json(corpus, tmp_path) -> None:
 def test_truncated_image_in_a_coco_set_found_by_the_check(tmp_path) -> None:
     import json
 
-    import calib
     from PIL import Image
+
+    import calib
 
     root = tmp_path / "coco"
     (root / "images").mkdir(parents=True)

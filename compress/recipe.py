@@ -29,7 +29,7 @@ class Config(BaseModel):
 
 class ModelConfig(Config):
     build: str = Field(description="builder spec: compress:NAME, timm:NAME, torchvision:NAME, file:path.py:fn")
-    num_classes: int = Field(gt=0, description="classes of the task (torchvision detectors: + background)")
+    num_classes: int = Field(gt=0, le=100_000, description="classes of the task (torchvision detectors: + background)")
     checkpoint: str | None = Field(None, description="safetensors or weights-only torch file to start from")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the builder")
 
@@ -78,7 +78,7 @@ class Recipe(Config):
     seed: int = 0
     model: ModelConfig
     task: Literal["classification", "detection"]
-    image_size: int = Field(gt=0, description="square input side used for training, MACs and export")
+    image_size: int = Field(gt=0, le=8192, description="square input side used for training, MACs and export")
     data: DataConfig
     train: TrainDefaults = Field(default_factory=TrainDefaults)
     stages: list[StageEntry] = Field(min_length=1)

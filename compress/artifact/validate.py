@@ -29,7 +29,7 @@ from torch import nn
 from compress.artifact.io import FORMAT, FORMAT_VERSION, ArtifactError
 
 SPEC_PREFIXES = ("compress", "timm", "torchvision")
-MAX_CLASSES = 1_000_000
+MAX_CLASSES = 100_000  # as the recipe schema
 MAX_DIM = 1 << 28  # one dimension of a tensor or a size attribute
 MAX_ITEMS = 100_000  # modules, layers or options listed in one manifest
 MAX_IMAGE_SIZE = 8192

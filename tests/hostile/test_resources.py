@@ -200,3 +200,18 @@ def test_truncated_image_in_a_coco_set_found_by_the_check(tmp_path) -> None:
     dataset = calib.get_dataset("coco", "train", root=root, use_all=True)
     with pytest.raises(DataError, match=r"a\.jpg: cannot (decode|read) image"):
         dataset.check_images()
+
+
+@pytest.mark.parametrize("override, pattern", [("image_size=100000", r"image_size: Input should be less than or equal to 8192"),
+                                               ("model.num_classes=1000000000",
+                                                r"model\.num_classes: Input should be less than or equal to 100000")])
+def test_careless_sizes_in_a_recipe(capsys, tmp_path, override, pattern) -> None:
+    (tmp_path / "src").mkdir()
+    recipe = tmp_path / "src" / "r.yaml"
+    recipe.write_text(RUN_RECIPE)
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "out"), "--set", override], pattern, tmp_path)
+
+
+def test_careless_image_size_in_shrink(capsys, tmp_path) -> None:
+    refused(capsys, ["shrink", "none", "--model", "compress:digits-cnn", "--num-classes", "10", "--image-size",
+                     "100000", "-o", str(tmp_path / "o.safetensors")], r"--image-size 100000 is over the limit", tmp_path)

@@ -38,6 +38,11 @@ def check_out(run_dir: Path, extra_files: Iterable[str] = (), inputs: Iterable[s
     where the run would write. Writes nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir}: is a file, not a folder; choose a folder (new or a run's)")
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"--out {run_dir}: {parent} is a file, not a folder")
+            break
     allowed = RUN_FILES | set(extra_files)
     written = {(run_dir / name).resolve() for name in allowed if name != "stages"}
     for item in inputs:
@@ -96,8 +101,8 @@ def claim(run_dir: Path, is_main: bool = True) -> Iterator[dict[str, bool]]:
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RunDirError(f"--out {run_dir}: a file is in the way; choose a folder") from None
+    except OSError as exc:
+        raise RunDirError(f"--out {run_dir}: cannot create the folder ({exc.strerror or exc})") from None
     path = run_dir / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

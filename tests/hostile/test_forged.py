@@ -109,6 +109,13 @@ FORGED = {
                                          r"tensor tail\.weight_packed of its layout is not in the file"),
     "negative shape": (lambda m: _prune(m)["stage3.conv1.0"]["params"].update(weight=[-40, 64, 3, 3]), None,
                        r"params\.weight must be an integer in \[0, "),
+    "prune manifest names another module type": (
+        lambda m: _prune(m)["stage3.conv1.0"].update(type="Linear"), None,
+        r"module 'stage3\.conv1\.0' is a Conv2d, the manifest expects a Linear"),
+    "builder option the builder does not take": (lambda m: m["model"].update(options={"wdith": 3}), None,
+                                                 r"does not describe a buildable model .*wdith"),
+    "quant layer listed twice": (lambda m: m["model_meta"]["quantization"]["layers"].append(
+        copy.deepcopy(_layer(m, "head"))), None, r"layers\.2: layer head is listed twice"),
     "prune manifest is a list": (lambda m: m["model_meta"].update(prune=[1, 2]), None,
                                  r"model_meta\.prune must be a JSON object \(got list\)"),
 }
@@ -160,3 +167,15 @@ def test_stage_checkpoint_with_a_forged_prune_manifest(corpus, capsys, tmp_path)
                                                            "params": {}, "buffers": {}}}}}
     path = write_forged_checkpoint(tmp_path / "c.safetensors", tensors, SPEC, meta)
     refused(capsys, ["inspect", str(path)], r"attrs\.momentum: only size attributes", tmp_path)
+
+
+def test_stage_checkpoint_metadata_not_json(corpus, capsys, tmp_path) -> None:
+    from compress.artifact.io import tensors_sha256
+    from compress.checkpoint import atomic_save_safetensors
+
+    tensors = {k: v.detach().clone() for k, v in corpus["plain"].state_dict().items()}
+    path = tmp_path / "c.safetensors"
+    atomic_save_safetensors(path, tensors, {"compress.model_spec": "{not json", "compress.model_meta": "{}",
+                                            "compress.tensors_sha256": tensors_sha256(tensors)})
+    refused(capsys, ["eval", str(path), "--data", "digits:val"], r"metadata compress\.model_spec is not valid JSON",
+            tmp_path)

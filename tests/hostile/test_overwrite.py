@@ -216,3 +216,10 @@ def test_onnx_export_over_its_artifact(corpus, capsys, tmp_path) -> None:
     artifact = tmp_path / "model.safetensors"
     artifact.write_bytes(corpus["artifact"].read_bytes())
     refused(capsys, ["export", str(artifact), "--onnx", str(artifact)], r"that is the input artifact", tmp_path)
+
+
+def test_run_out_below_a_file(capsys, tmp_path) -> None:
+    recipe = _recipe(tmp_path / "src")
+    (tmp_path / "afile.txt").write_text("x")
+    refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "afile.txt" / "run")], r"afile\.txt is a file, not a folder",
+            tmp_path)

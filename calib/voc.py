@@ -108,7 +108,8 @@ def listed(folder: Path, split: str) -> list[str] | None:
     if chosen is None:
         raise DataError(f"{main}: has {', '.join(s + '.txt' for s in present)} but no {split}.txt")
     lines = (main / f"{chosen}.txt").read_text(encoding="utf-8").splitlines()
-    return [line.split()[0] for line in lines if line.strip()]
+    where = str(main / f"{chosen}.txt")
+    return [safe_relative(line.split()[0], where) for line in lines if line.strip()]
 
 
 @register_source("voc")

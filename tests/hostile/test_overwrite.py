@@ -223,3 +223,17 @@ def test_run_out_below_a_file(capsys, tmp_path) -> None:
     (tmp_path / "afile.txt").write_text("x")
     refused(capsys, ["run", str(recipe), "--out", str(tmp_path / "afile.txt" / "run")], r"afile\.txt is a file, not a folder",
             tmp_path)
+
+
+def test_voc_image_set_id_outside_the_dataset(tmp_path) -> None:
+    import calib
+
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "Annotations" / "a.xml").write_text("<annotation><size><width>16</width><height>16</height></size>"
+                                                "</annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("../../../../etc/x\n")
+    with pytest.raises(DataError, match=r"train\.txt: file name '\.\./\.\./\.\./\.\./etc/x' points outside"):
+        calib.get_dataset("voc", "train", root=root)

@@ -269,6 +269,7 @@ def check_quantization(plan: Any, tensors: dict[str, torch.Tensor], where: str) 
 
 
 def check_model_meta(meta: Any, tensors: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
+    import compress.stages  # noqa: F401  (stages register the restorers: the known model_meta keys)
     from compress.checkpoint import RESTORERS
 
     meta = _dict(meta if meta is not None else {}, where, "model_meta")

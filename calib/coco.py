@@ -24,7 +24,7 @@ from calib.detection_files import (
 )
 from calib.errors import DataError
 from calib.folders import check_root
-from calib.images import check_image_size, read_image_size
+from calib.images import check_image_size, read_image_size, safe_relative
 from calib.registry import register_source
 from calib.splits import split_subfolder
 
@@ -93,7 +93,8 @@ def parse_coco(path: Path, folder: Path) -> tuple[list[Record], list[str], list[
         image_id = field(img, "id", (int, str), where)
         if image_id in images:
             raise DataError(f"{where}: duplicate image id {image_id!r}")
-        images[image_id] = {"file": str(field(img, "file_name", str, where)), "boxes": [], "labels": []}
+        images[image_id] = {"file": safe_relative(str(field(img, "file_name", str, where)), where),
+                            "boxes": [], "labels": []}
         images[image_id]["size"] = (img.get("width"), img.get("height"))
     candidates = [folder, folder / "images", path.parent, path.parent / "images"]
     base = None

@@ -90,6 +90,13 @@ class DetectionFiles(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def check_images(self) -> None:
+        """Decode every image once (runs call this before training): a damaged file fails before epoch 1."""
+        from calib.images import check_decodes
+
+        for record in self.records:
+            check_decodes(record.image, self.image_size)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self.records[index]
         image, original = load_image(record.image, self.image_size)

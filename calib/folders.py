@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from calib.errors import DataError
-from calib.images import check_image_size, list_images, load_image
+from calib.images import check_decodes, check_image_size, list_images, load_image
 from calib.registry import register_source
 from calib.splits import select_by_hash, split_subfolder, split_subfolders
 
@@ -42,6 +42,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _ = load_image(self.files[index], self.image_size)
         return image, self.labels[index]
+
+    def check_images(self) -> None:
+        """Decode every image once (runs call this before training): a damaged file fails before epoch 1."""
+        for path in self.files:
+            check_decodes(path, self.image_size)
 
 
 def check_root(root: str | Path) -> Path:

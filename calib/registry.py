@@ -60,7 +60,7 @@ def get_dataset(source: str, split: str, root: str | Path | None = None, **optio
     takes_root = "root" in inspect.signature(factory).parameters
     if takes_root:
         if root is None:
-            raise DataError(f"source '{source}' reads files: pass root=<folder> (split '{split}')")
+            raise DataError(f"source '{source}' reads files: pass root=<folder> (recipe data root, --root on the command line; split '{split}')")
         return factory(split=split, root=root, **options)
     if root is not None:
         raise DataError(f"source '{source}' is generated and takes no root (got root={str(root)!r})")

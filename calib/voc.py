@@ -23,7 +23,7 @@ from calib.detection_files import (
 )
 from calib.errors import DataError
 from calib.folders import check_root
-from calib.images import IMAGE_EXTENSIONS, check_image_size, read_image_size
+from calib.images import IMAGE_EXTENSIONS, check_image_size, read_image_size, safe_relative
 from calib.registry import SPLITS, register_source
 from calib.splits import split_subfolder
 
@@ -63,7 +63,7 @@ def object_names(path: Path) -> list[str]:
 def find_image(folder: Path, xml: Path, root: ET.Element) -> Path:
     """The image an annotation describes: <filename> in JPEGImages/, else the xml's stem with any extension."""
     name = root.findtext("filename")
-    candidates = [folder / name.strip()] if name and name.strip() else []
+    candidates = [folder / safe_relative(name.strip(), str(xml))] if name and name.strip() else []
     candidates += [folder / (xml.stem + ext) for ext in IMAGE_EXTENSIONS]
     for candidate in candidates:
         if candidate.is_file():
@@ -108,7 +108,8 @@ def listed(folder: Path, split: str) -> list[str] | None:
     if chosen is None:
         raise DataError(f"{main}: has {', '.join(s + '.txt' for s in present)} but no {split}.txt")
     lines = (main / f"{chosen}.txt").read_text(encoding="utf-8").splitlines()
-    return [line.split()[0] for line in lines if line.strip()]
+    where = str(main / f"{chosen}.txt")
+    return [safe_relative(line.split()[0], where) for line in lines if line.strip()]
 
 
 @register_source("voc")

@@ -61,11 +61,17 @@ def read_names(base: Path, classes: list[str] | None) -> tuple[list[str] | None,
     data_yaml = base / "data.yaml"
     if data_yaml.is_file():
         try:
-            data = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise DataError(f"{data_yaml}: malformed YAML ({e})") from e
+            from compress.safe_yaml import YAMLInputError, load as strict_load  # aliases bounded, no duplicate keys
+        except ImportError:  # calib used without compress
+            YAMLInputError, strict_load = yaml.YAMLError, lambda text, _where: yaml.safe_load(text)
+        try:
+            data = strict_load(data_yaml.read_bytes(), str(data_yaml))
+        except (yaml.YAMLError, YAMLInputError) as e:
+            raise DataError(f"{data_yaml}: malformed YAML ({e})") from None
         names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, list):
+            if not all(isinstance(n, (str, int, float)) for n in names):
+                raise DataError(f"{data_yaml}: 'names' must list plain class names")
             return [str(n) for n in names], str(data_yaml)
         if isinstance(names, dict):
             if sorted(names) != list(range(len(names))):

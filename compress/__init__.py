@@ -40,9 +40,11 @@ def run(recipe: Recipe | str, out: str, resume: bool = False, overrides: list[st
     from compress.pipeline import run as run_pipeline
     from compress.recipe import Recipe, load_recipe
 
+    inputs = []
     if not isinstance(recipe, Recipe):
+        inputs.append(recipe)
         recipe = load_recipe(recipe, overrides)
-    return run_pipeline(recipe, out, resume=resume)
+    return run_pipeline(recipe, out, resume=resume, inputs=inputs)
 
 
 def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | QuantConfig = "jlcm",

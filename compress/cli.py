@@ -126,7 +126,7 @@ def run(
 
     recipe_obj = load_recipe(recipe, set_ or [])
     with _quiet_output():
-        report = run_pipeline(recipe_obj, out, resume=resume)
+        report = run_pipeline(recipe_obj, out, resume=resume, inputs=[recipe])
     _print_summary(report, out)
 
 
@@ -150,6 +150,8 @@ def inspect(
     num_classes: Annotated[int, typer.Option(help="classes, when MODEL is a builder spec")] = 10,
     image_size: Annotated[int, typer.Option(help="square input side for the MAC count")] = 128,
     groups: Annotated[bool, typer.Option("--groups", help="print the pruning groups (stride x module family)")] = False,
+    model_file: Annotated[Optional[Path], typer.Option("--model-file", help="the Python file of a file: model "
+                                                                             "(never taken from the checkpoint)")] = None,
 ) -> None:
     """Print the layers, parameters and MACs of a model, or its pruning groups.
 
@@ -163,7 +165,7 @@ def inspect(
     from compress.evaluate import measure
     from compress.tasks import get_task
 
-    net = _load_any(model, num_classes)
+    net = _load_any(model, num_classes, model_file)
     task = get_task("detection" if _is_detector(net) else "classification")
     if groups:
         _print_groups(net, task.example_input(net, image_size), model)
@@ -206,15 +208,15 @@ def _is_detector(net) -> bool:
     return is_detector(net)
 
 
-def _load_any(spec: str, num_classes: int):
+def _load_any(spec: str, num_classes: int, model_file: Optional[Path] = None):
     from compress.errors import UserError
 
     if spec.endswith(".safetensors"):
         if not Path(spec).is_file():
             raise UserError(f"{spec}: file not found")
-        from compress.format.checkpoint import load_model
+        from compress.format.open import load_any
 
-        return load_model(spec)[0]
+        return load_any(spec, model_file)[0]
     from compress.models import build_model
 
     if ":" not in spec:
@@ -295,6 +297,10 @@ def eval_(
     data: Annotated[str, typer.Option("--data", help="SOURCE:SPLIT, e.g. digits-detect:val")],
     json_: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON object on the last line")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help="default: the run's eval batch size")] = None,
+    root: Annotated[Optional[str], typer.Option("--root", help="folder or file of a file-based source "
+                                                               "(folder, coco, yolo, voc)")] = None,
+    model_file: Annotated[Optional[Path], typer.Option("--model-file", help="the Python file of a file: model "
+                                                                             "(never taken from the artifact)")] = None,
 ) -> None:
     """Evaluate an artifact on a data split, in a fresh process, without the recipe.
 
@@ -312,9 +318,14 @@ def eval_(
     source, sep, split = data.rpartition(":")
     if not sep or not source:
         raise UserError(f"--data {data!r}: write SOURCE:SPLIT, e.g. digits-detect:val")
-    model, manifest = _load_for_eval(artifact)
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    model, manifest = _load_for_eval(artifact, model_file)
     task = get_task(manifest["task"])
-    dataset = get_dataset(source, split)
+    dataset = get_dataset(source, split, root=root)
+    data_task = getattr(dataset, "task", None)
+    if data_task is not None and data_task != task.name:
+        raise UserError(f"--data {data}: a {data_task} source, but {artifact} is a {task.name} model")
     if manifest.get("preprocessing"):
         from compress.shrink.data import Prepared
         from compress.shrink.preprocess import Preprocessing
@@ -330,22 +341,18 @@ def eval_(
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
-def _load_for_eval(path: Path) -> tuple[Any, dict[str, Any]]:
-    """(model, manifest) of an artifact, or of a stage checkpoint of a run (task inferred from the model)."""
-    from compress.format.artifact import ArtifactError, load, read_artifact
+def _load_for_eval(path: Path, model_file: Optional[Path] = None) -> tuple[Any, dict[str, Any]]:
+    """(model, manifest) of an artifact, or of a stage checkpoint of a run (task inferred from the model);
+    a damaged file is refused with its reader's own reason."""
+    from compress.format.artifact import ArtifactError
+    from compress.format.open import load_any
 
-    try:
-        _, manifest = read_artifact(path)
-    except ArtifactError:
-        from compress.format.checkpoint import load_model, read_metadata
-
-        try:
-            read_metadata(path)
-        except Exception:  # neither an artifact nor a stage checkpoint: the artifact's message says why
-            raise ArtifactError(f"{path}: neither a compress artifact nor a stage checkpoint of a run") from None
-        model = load_model(path)[0].eval()
-        return model, {"task": "detection" if _is_detector(model) else "classification"}
-    return load(path), manifest
+    model, manifest = load_any(path, model_file)
+    if "format" not in manifest:  # a stage checkpoint
+        return model.eval(), {"task": "detection" if _is_detector(model) else "classification"}
+    if manifest.get("task") is None:
+        raise ArtifactError(f"{path}: the manifest has no task (classification or detection); cannot evaluate")
+    return model, manifest
 
 
 @app.command()
@@ -435,6 +442,8 @@ def export(
 
     if not artifact.is_file():
         raise UserError(f"{artifact}: file not found")
+    if onnx.expanduser().resolve() == artifact.expanduser().resolve():
+        raise UserError(f"--onnx {onnx}: that is the input artifact; write the ONNX file elsewhere")
     try:
         from compress.onnx import export_onnx
     except ImportError as exc:

@@ -5,7 +5,10 @@ Run directory:
     log.txt                          what the console showed, with times
     report.json                      {"recipe", "seed", "task", "stages": [...]}; rewritten atomically
     stages/NN-NAME/model.safetensors tensors + JSON to rebuild the model without pickle
-    stages/NN-NAME/metrics.json      the stage's entry of the report
+    stages/NN-NAME/metrics.json      the stage's entry of the report (with the checkpoint file's sha256)
+    compress.lock                    held (flock) while a run works; names its pid (compress/rundir.py)
+The folder must be new, empty or a run's own; bad input (model options, classes, undecodable images) is
+found before it is touched, and `--resume` checks every finished checkpoint's SHA-256 and the stored recipe.
 A stage counts as finished once its entry is in report.json (written after its files), so `kill -9` at
 any moment loses at most the stage in progress. Each stage seeds from (recipe seed, stage index), so a
 resumed run gives the same files as an uninterrupted one.
@@ -152,9 +155,32 @@ def _read_report(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: not valid JSON ({exc}); remove the run dir or fix the file") from None
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RunDirError(f"{path}: not valid JSON ({exc.__class__.__name__}); remove the run dir or fix the file") from None
+    stages = report.get("stages") if isinstance(report, dict) else None
+    if not isinstance(stages, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("checkpoint"), str)
+            for e in stages):
+        raise RunDirError(f"{path}: not a report of `compress run` (expected {{\"stages\": [{{\"name\", "
+                          "\"checkpoint\", ...}}]}}); remove the run dir or fix the file")
+    return report
+
+
+def _read_saved_recipe(run_dir: Path) -> dict[str, Any] | None:
+    from compress import safe_yaml
+
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        return None
+    try:
+        saved = safe_yaml.load(path.read_bytes(), str(path))
+    except safe_yaml.YAMLInputError as exc:
+        raise RunDirError(f"{exc}; the run directory is damaged, start a new --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("stages"), list):
+        raise RunDirError(f"{path}: not a resolved recipe (a mapping with stages); the run directory is damaged, "
+                          "start a new --out")
+    return saved
 
 
 def planned_stages(recipe: Recipe) -> list[tuple[int, str]]:
@@ -175,32 +201,116 @@ def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> list[dict[str
     if not resume:
         state = "a finished run" if len(done) >= len(planned) else "an unfinished run"
         raise RunDirError(f"{run_dir} already holds {state}; add --resume to continue it, or choose another --out")
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").exists() else None
+    from compress.rundir import file_sha256, inside
+
+    saved = _read_saved_recipe(run_dir)
     current = recipe.to_dict()
+    if saved is None and done:
+        raise RunDirError(f"--resume: {run_dir / 'recipe.yaml'} is missing, so the finished stages cannot be matched "
+                          "to this recipe; start a new --out")
+    if report.get("seed") != recipe.seed:
+        raise RunDirError(f"--resume: the run in {run_dir} used seed {report.get('seed')!r}, the recipe says "
+                          f"{recipe.seed}; resume with the same recipe, or start a new --out")
     if saved is not None:
         for key in ("model", "task", "data", "seed", "image_size", "train"):
             if saved.get(key) != current.get(key):
                 raise RunDirError(f"--resume: recipe field '{key}' differs from the run in {run_dir}; "
                                   "resume with the same recipe, or start a new --out")
+    if len(done) > len(planned):
+        raise RunDirError(f"--resume: {run_dir} holds {len(done)} finished stages, the recipe plans {len(planned)}; "
+                          "start a new --out")
     for entry, (index, name) in zip(done, planned):
         if entry["name"] != name:
             raise RunDirError(f"--resume: finished stage {entry['name']} in {run_dir} is now '{name}' in the recipe")
-        if index >= 0 and saved is not None and saved["stages"][index] != current["stages"][index]:
+        if index >= 0 and saved is not None and (index >= len(saved["stages"])
+                                                  or saved["stages"][index] != current["stages"][index]):
             raise RunDirError(f"--resume: the config of finished stage {index} ({name}) changed; start a new --out")
-        if not (run_dir / entry["checkpoint"]).exists():
-            raise RunDirError(f"--resume: {run_dir / entry['checkpoint']} is missing; start a new --out")
+        checkpoint = inside(run_dir, entry["checkpoint"], f"report.json stage {name} checkpoint")
+        if not checkpoint.is_file():
+            raise RunDirError(f"--resume: {checkpoint} is missing; start a new --out")
+        if entry.get("sha256") != file_sha256(checkpoint):
+            raise RunDirError(f"--resume: {checkpoint} is not the file stage {name} wrote (SHA-256 differs from "
+                              "report.json); start a new --out")
     return done[: len(planned)]
 
 
-def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Run every stage of `recipe` into `run_dir` and return the report."""
+def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: Accelerator | None = None,
+        inputs: list[str | Path] | tuple = ()) -> dict[str, Any]:
+    """Run every stage of `recipe` into `run_dir` and return the report. `inputs`: files the run reads (the
+    recipe file), which it must never overwrite."""
+    from compress import rundir
+
     run_dir = Path(run_dir)
     accelerator = accelerator or make_accelerator()
-    done = _check_run_dir(recipe, run_dir, resume)
-    accelerator.wait_for_everyone()
+    exports = _export_names(recipe, run_dir)
+    rundir.check_out(run_dir, exports, [*inputs, recipe.model.checkpoint])
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, task=get_task(recipe.task))
+    with rundir.claim(run_dir, ctx.is_main) as claimed:  # a second run on run_dir fails here, at once
+        return _run_claimed(recipe, run_dir, resume, accelerator, ctx, claimed)
+
+
+def _export_names(recipe: Recipe, run_dir: Path) -> list[str]:
+    """Top-level names the recipe's export stages write (their paths must stay inside the run directory)."""
+    from compress.rundir import inside
+
+    names = []
+    for i, stage in enumerate(recipe.stages):
+        if stage.name == "export":
+            rel = inside(run_dir, stage.config.path, f"stages.{i}.export.path")
+            names.append(Path(rel).relative_to(run_dir).parts[0])
+    return names
+
+
+def _preflight(recipe: Recipe, ctx: RunContext) -> nn.Module:
+    """The input model and the data's classes, checked before the run directory is touched."""
+    from compress.models import ModelSpecError
+
+    try:
+        model = build_input_model(recipe)
+    except TypeError as exc:
+        raise ModelSpecError(f"model: {recipe.model.build} does not take these options "
+                             f"({' '.join(str(exc).split())[:200]}); check model.options") from None
+    for i, stage in enumerate(recipe.stages):  # a teacher checkpoint is read (and checked) now, not stages later
+        teacher = getattr(stage.config, "teacher", None) if stage.name == "distill" else None
+        if teacher and teacher != "before-prune":
+            from compress.format.validate import read_stage_checkpoint
+
+            if not Path(teacher).is_file():
+                raise UserError(f"stages.{i}.distill.teacher: {teacher} not found")
+            read_stage_checkpoint(teacher, allow_build=recipe.model.build)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for role in ("train", "val"):
+            data = ctx.dataset(role)
+            classes = getattr(data, "num_classes", 0) or 0
+            if classes > recipe.model.num_classes:
+                raise UserError(f"model.num_classes is {recipe.model.num_classes} but data.{role} "
+                                f"({getattr(recipe.data, role).source}) has {classes} classes; set model.num_classes "
+                                f"to at least {classes}")
+            check = getattr(data, "check_images", None) or getattr(getattr(data, "dataset", None), "check_images", None)
+            if callable(check):
+                check()
+    return model
+
+
+def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accelerator,
+                 ctx: RunContext, claimed: dict[str, bool]) -> dict[str, Any]:
+    from compress.rundir import inside
+
+    if not resume and (run_dir / "recipe.yaml").exists() and not (run_dir / REPORT).exists():
+        raise RunDirError(f"{run_dir} already holds an unfinished run (no stage finished); add --resume to start it "
+                          "again, or choose another --out")
+    done = _check_run_dir(recipe, run_dir, resume)
+    model = None
+    if not done:  # everything that can fail on bad input fails before the first write
+        set_seed(recipe.seed)
+        model = _preflight(recipe, ctx)
+    accelerator.wait_for_everyone()
+    if ctx.is_main:
+        if (run_dir / "recipe.yaml").exists() and not done:
+            saved = _read_saved_recipe(run_dir)
+            if saved is not None and saved != recipe.to_dict():
+                raise RunDirError(f"--resume: {run_dir / 'recipe.yaml'} is another recipe than this one; start a "
+                                  "new --out")
         atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
     accelerator.wait_for_everyone()
     report = {"recipe": recipe.name, "seed": recipe.seed, "task": recipe.task, "stages": list(done)}
@@ -208,14 +318,14 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
 
     if done:
         last = done[-1]
-        model, ctx.model_meta = load_model(run_dir / last["checkpoint"])
+        model, ctx.model_meta = load_model(inside(run_dir, last["checkpoint"], "checkpoint"),
+                                           allow_build=recipe.model.build)
         ctx.log(f"resuming {run_dir} after stage {last['name']} ({len(done)} finished)")
     else:
-        set_seed(recipe.seed)
-        model = build_input_model(recipe)
         ctx.log(f"run {recipe.name}: {recipe.model.build} on {recipe.data.train.source}, "
                 f"{accelerator.num_processes} process(es) on {accelerator.device}")
     model = model.to(ctx.device)
+    claimed["started"] = True  # from here on, a failure leaves a folder that --resume can continue
 
     def record(model: nn.Module, index: int, name: str, seconds: float) -> None:
         report["stages"].append(_finish_stage(model, ctx, index, name, seconds))
@@ -255,7 +365,10 @@ def _finish_stage(model: nn.Module, ctx: RunContext, index: int, name: str, seco
     entry = {"name": name, "metrics": metrics, **figures,
              "seconds": round(seconds, 3), "checkpoint": str((stage_dir / "model.safetensors").relative_to(ctx.run_dir))}
     if ctx.is_main:
+        from compress.rundir import file_sha256
+
         save_model(stage_dir / "model.safetensors", model, model_spec(ctx.recipe), ctx.model_meta)
+        entry["sha256"] = file_sha256(stage_dir / "model.safetensors")  # --resume checks it
         atomic_write_json(stage_dir / "metrics.json", entry)
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     ctx.log(f"stage {name} done in {seconds:.1f}s: {shown} params={entry['params']:,} macs={entry['macs']:,}")

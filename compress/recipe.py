@@ -5,16 +5,17 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.config import Config, format_validation_error
 from compress.errors import RecipeError, unknown_choice
 
+MAX_RECIPE_BYTES = 1_000_000
+
 
 class ModelConfig(Config):
     build: str = Field(description="builder spec: compress:NAME, timm:NAME, torchvision:NAME, file:path.py:fn")
-    num_classes: int = Field(gt=0, description="classes of the task (torchvision detectors: + background)")
+    num_classes: int = Field(gt=0, le=100_000, description="classes of the task (torchvision detectors: + background)")
     checkpoint: str | None = Field(None, description="safetensors or weights-only torch file to start from")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the builder")
 
@@ -63,7 +64,7 @@ class Recipe(Config):
     seed: int = 0
     model: ModelConfig
     task: Literal["classification", "detection"]
-    image_size: int = Field(gt=0, description="square input side used for training, MACs and export")
+    image_size: int = Field(gt=0, le=8192, description="square input side used for training, MACs and export")
     data: DataConfig
     train: TrainDefaults = Field(default_factory=TrainDefaults)
     stages: list[StageEntry] = Field(min_length=1)
@@ -142,7 +143,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise RecipeError(f"--set {path}: '{'.'.join(keys[:depth])}' is a value, not a section")
             if last:
-                node[key] = yaml.safe_load(raw)
+                from compress import safe_yaml
+
+                try:
+                    node[key] = safe_yaml.load(raw, f"--set {path}")
+                except safe_yaml.YAMLInputError as exc:
+                    raise RecipeError(str(exc)) from None
             else:
                 if isinstance(node, dict) and node.get(key) is None:
                     node[key] = {}
@@ -170,10 +176,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    from compress import safe_yaml
+
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES:,})")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = safe_yaml.load(path.read_bytes(), str(path))
+    except safe_yaml.YAMLInputError as exc:
+        raise RecipeError(str(exc)) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with name, model, task, data, stages")
     return parse_recipe(apply_overrides(data, overrides or []), source=str(path))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,20 @@ def _read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """Tensor shapes and model_meta of a stage checkpoint, from its header only."""
     from safetensors import safe_open
 
+    from compress.format.validate import read_stage_checkpoint
+
+    _, _, meta = read_stage_checkpoint(path, allow_build="*")  # every check of a load, nothing built
     with safe_open(str(path), framework="pt") as handle:
         shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        metadata = handle.metadata() or {}
-    return shapes, json.loads(metadata.get("compress.model_meta", "{}"))
+    return shapes, meta
 
 
 def layer_table(run_dir: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per layer: output channels in the baseline and at the end, and the bits its weight is stored with."""
-    base_shapes, _ = _read_header(run_dir / stages[0]["checkpoint"])
-    last_shapes, last_meta = _read_header(run_dir / stages[-1]["checkpoint"])
+    from compress.rundir import inside
+
+    base_shapes, _ = _read_header(inside(run_dir, stages[0]["checkpoint"], "report.json stages.0.checkpoint"))
+    last_shapes, last_meta = _read_header(inside(run_dir, stages[-1]["checkpoint"], "report.json checkpoint"))
     plan_layers = (last_meta.get("quantization") or {}).get("layers") or []
     quant = {entry["name"]: {**entry.get("layout", {}), "bits": entry.get("bits")} for entry in plan_layers
              if entry.get("attr", "weight") == "weight"}
@@ -120,17 +123,18 @@ def _fmt(value: Any) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.html and the PNGs beside it; returns the HTML path."""
     run_dir = Path(run_dir)
+    from compress.format.checkpoint import atomic_write_bytes
+    from compress.rundir import read_report
+
     path = run_dir / "report.json"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: no report.json (is this a run directory of `compress run`?)")
-    report = json.loads(path.read_text())
+    report = read_report(run_dir)
     stages = report.get("stages", [])
     if not stages:
         raise RunDirError(f"{path}: no finished stage yet")
     layers = layer_table(run_dir, stages)
     plots = _plots(report, layers)
     for name, data in plots.items():
-        (run_dir / name).write_bytes(data)
+        atomic_write_bytes(run_dir / name, data)
     base = stages[0]
     shown = ("top1", "map50", "map")
     rows = [{"stage": s["name"], **{k: v for k, v in s["metrics"].items() if k in shown},
@@ -153,5 +157,5 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f
 </body></html>
 """
     out = run_dir / "report.html"
-    out.write_text(page)
+    atomic_write_bytes(out, page.encode())
     return out

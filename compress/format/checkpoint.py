@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save
 
-from compress.format.restorers import apply_restorers
+from compress.format.header import tensors_sha256
+from compress.format.validate import load_stage_checkpoint, read_stage_checkpoint
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half of it."""
@@ -66,31 +66,22 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], 
 
 def save_model(path: str | Path, model: nn.Module, model_spec: dict[str, Any], model_meta: dict[str, Any]) -> None:
     """Atomically write `model` to `path` (safetensors + JSON metadata)."""
+    tensors = state_tensors(model)
     metadata = {"compress.model_spec": json.dumps(model_spec, sort_keys=True),
-                "compress.model_meta": json.dumps(model_meta, sort_keys=True)}
-    atomic_save_safetensors(path, state_tensors(model), metadata)
+                "compress.model_meta": json.dumps(model_meta, sort_keys=True),
+                "compress.tensors_sha256": tensors_sha256(tensors)}  # checked by load_model
+    atomic_save_safetensors(path, tensors, metadata)
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The (model_spec, model_meta) stored in a stage checkpoint."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if "compress.model_spec" not in metadata:
-        raise ValueError(f"{path}: not a compress stage checkpoint (no 'compress.model_spec' metadata)")
-    return json.loads(metadata["compress.model_spec"]), json.loads(metadata.get("compress.model_meta", "{}"))
+    """The (model_spec, model_meta) stored in a stage checkpoint (after the checks of `load_model`)."""
+    _, spec, meta = read_stage_checkpoint(path, allow_build="*")
+    return spec, meta
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a stage checkpoint: stock builder, recorded changes, then the tensors."""
-    from safetensors.torch import load_file
+def load_model(path: str | Path, allow_build: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a stage checkpoint: stock builder, recorded changes, then the tensors, after the
+    artifact's checks (tensor checksum, every metadata field; compress.format.validate). A `file:` model is
+    rebuilt only when its spec is exactly `allow_build` (the recipe's own): the file never names code."""
 
-    from compress.models import build_model
-
-    spec, meta = read_metadata(path)
-    model = build_model(spec["build"], num_classes=spec["num_classes"], **spec.get("options", {}))
-    model = apply_restorers(model, meta)
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model, meta
+    return load_stage_checkpoint(path, allow_build)

@@ -53,8 +53,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    mis_typed = [
+        f"{k} (checkpoint {str(state[k].dtype).removeprefix('torch.')} vs model {str(v.dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state and state[k].dtype != v.dtype
+        and not (state[k].is_floating_point() and v.is_floating_point())  # fp16/bf16/fp64 weights convert exactly enough
+    ]
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and v.numel() and not bool(v.isfinite().all())]
     problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)):
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped),
+                        ("of the wrong dtype", mis_typed), ("holding NaN or inf", not_finite)):
         if keys:
             more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
             problems.append(f"{len(keys)} {label}: {', '.join(keys[:_MAX_LISTED])}{more}")

@@ -49,6 +49,8 @@ def calib_ref(calib: str) -> dict[str, Any]:
     """A recipe `DataRef` (as a dict) for `--calib`: a folder of images, or SOURCE[:SPLIT] (split calib)."""
     from calib import list_sources
 
+    if not str(calib).strip():
+        raise UserError("--calib is empty: give a data source (digits, digits-detect:train, ...) or a folder of images")
     path = Path(calib).expanduser()
     if path.is_dir():
         return {"source": "folder", "split": "calib", "root": str(path), "options": {"use_all": True}}

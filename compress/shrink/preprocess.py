@@ -110,6 +110,8 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         values = values * 3
     if len(values) != 3:
         raise UserError(f"{option} {text!r}: expected 1 or 3 values (one per RGB channel), got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{option} {text!r}: every value must be a finite number")
     if option == "--std" and any(v <= 0 for v in values):
         raise UserError(f"--std {text!r}: every value must be > 0")
     return values
@@ -144,6 +146,8 @@ def resolve(spec: str, model: nn.Module, task: str, dataset_size: int | None, im
         return base
     if image_size is not None and image_size <= 0:
         raise UserError(f"--image-size must be > 0 (got {image_size})")
+    if image_size is not None and image_size > 8192:
+        raise UserError(f"--image-size {image_size} is over the limit of 8192 pixels")
     return Preprocessing(f"{base.source}, {' and '.join(changed)} from the command line",
                          image_size if image_size is not None else base.image_size,
                          mean if mean is not None else base.mean, std if std is not None else base.std,

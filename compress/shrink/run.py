@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import pickle
 import re
 import sys
@@ -238,6 +239,8 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
         raise UserError(f"-o {out}: {out.parent} is not a folder")
     ref = calib_ref(config.calib)
     if checkpoint is not None:
+        if Path(checkpoint).expanduser().resolve() == out:
+            raise UserError(f"-o {out.name}: that is the input checkpoint; write the artifact to another file")
         read_checked_checkpoint(checkpoint)
 
     set_seed(config.seed)
@@ -310,7 +313,17 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
         manifest["shrink"] = {"checkpoint": checkpoint, "calib": where, "calib_images": len(data), "prune": prune,
                               "bits": config.bits, "method": config.method, "recover": recovery,
                               "labels_used": False}
-        size = write_artifact(out, net, manifest)
+        # written beside `out`, verified, then renamed: a failed check leaves nothing at `out`
+        partial = out.with_name(f".{out.name}.partial")
+        model_file = model[len("file:"):].rsplit(":", 1)[0] if model.startswith("file:") else None
+        try:
+            check_finite_model(net)
+            size = write_artifact(partial, net, manifest)
+            if verify:
+                verify_diff = _verify(partial, net, data, task, config.batch_size, model_file)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
 
     after = rows[-1][1]
     plan = getattr(net, "quantization_plan", {}).get("summary", {})
@@ -321,13 +334,20 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
               "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
               "stages": [{"name": n, **f, "seconds": round(s, 3)} for n, f, s in rows]}
     if verify:
-        model_file = model[len("file:"):].rsplit(":", 1)[0] if model.startswith("file:") else None
-        result["verify_max_diff"] = _verify(out, net, data, task, config.batch_size, model_file)
+        result["verify_max_diff"] = verify_diff
     result["seconds"] = round(time.perf_counter() - start, 1)
     say(_table(rows))
     if verify:
         say(f"verified: compress.load({out.name}) gives the same outputs (max |diff| {result['verify_max_diff']:.2g})")
     return result
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """No NaN / inf in any float tensor of the model to be written."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(tensor.isfinite().all()):
+            raise UserError(f"the shrunk model's tensor {name} holds NaN or infinite values (check the checkpoint "
+                            "and the calibration images); nothing written")
 
 
 @torch.no_grad()
@@ -337,6 +357,7 @@ def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: i
     from compress.format.artifact import load
     from compress.tasks import get_task
 
+    shown = out.name.removeprefix(".").removesuffix(".partial")
     loader = get_task(task).loader(data, min(batch_size, 4), shuffle=False)
     x = get_task(task).inputs(next(iter(loader)))
     device = next(model.parameters()).device
@@ -345,6 +366,9 @@ def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: i
     with raw_outputs(model), raw_outputs(reloaded):
 
         want, got = flat_tensors(model(x.to(device))), flat_tensors(reloaded(x.to(device)))
+    if not all(bool(t.isfinite().all()) for t in want if t.is_floating_point()):
+        raise UserError(f"-o {shown}: the shrunk model gives NaN or infinite outputs on the calibration images "
+                        "(check the checkpoint and --mean/--std); nothing written")
     if [t.shape for t in want] != [t.shape for t in got]:
         raise RuntimeError(f"{out}: the reloaded artifact gives outputs of other shapes than the shrunk model")
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got))

@@ -28,7 +28,7 @@ def load_teacher(spec: str, ctx: RunContext) -> nn.Module:
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"stages.{ctx.stage_index}.{ctx.stage_name}.teacher: {path} not found")
-    teacher, _ = load_model(path)
+    teacher, _ = load_model(path, allow_build=ctx.recipe.model.build)
     ctx.log(f"{ctx.stage_name}: teacher from {path}")
     teacher.eval().requires_grad_(False)
     return teacher.to(ctx.device)

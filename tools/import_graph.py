@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("compress", "calib")
 # the top of the house: what drives runs; everything else is below and must not import it
-UPPER = ("compress.stages", "compress.pipeline", "compress.recipe", "compress.shrink", "compress.cli",
+UPPER = ("compress.stages", "compress.pipeline", "compress.recipe", "compress.shrink", "compress.sweep", "compress.cli",
          "compress.__main__")
 
 

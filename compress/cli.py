@@ -535,11 +535,11 @@ def sweep(
     model: Annotated[str, typer.Option("--model", "-m", help="builder spec: compress:NAME, timm:NAME, ...")],
     data: Annotated[str, typer.Option("--data", help="labelled evaluation split, SOURCE:SPLIT, e.g. digits:val")],
     out: Annotated[Path, typer.Option("--out", "-o", help="sweep folder: sweep.json, report.html, points/")],
-    bits: Annotated[Optional[list[str]], typer.Option("--bits", help="bit-widths, e.g. --bits 2 2.5 3 4 (jlcm: "
+    bits: Annotated[Optional[list[str]], typer.Option("--bits", metavar="BITS...", help="bit-widths, e.g. --bits 2 2.5 3 4 (jlcm: "
                                                                     "average bits per weight; others: whole bits)")] = None,
-    prune: Annotated[Optional[list[str]], typer.Option("--prune", help="shares of parameters to prune, e.g. "
+    prune: Annotated[Optional[list[str]], typer.Option("--prune", metavar="SHARE...", help="shares of parameters to prune, e.g. "
                                                                       "--prune 0 0.2 0.4")] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--methods", help="quantization methods: jlcm rtn "
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="METHOD...", help="quantization methods: jlcm rtn "
                                                                           "kmeans nf4 (default: all four)")] = None,
     calib: Annotated[str, typer.Option("--calib", help="calibration images: a data source or a folder")] = "digits",
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="classes of the checkpoint's head "

@@ -173,17 +173,18 @@ def points_table(sweep: dict[str, Any]) -> str:
     front_ids = {p["id"] for p in pareto(sweep["points"])}
     best = recommend(sweep["points"], ref, sweep.get("tolerance", 1.0))
     metric = sweep.get("metric", "metric")
-    head = ["method", "bits", "prune", "file bytes", "file bits/param", "params", "x smaller", metric,
-            "vs original", "seconds", "Pareto", "status"]
+    head = ["method", "bits", "prune", metric, "vs original", "file bytes", "file bits/param", "x smaller", "params",
+            "seconds", "Pareto", "status"]
     rows = []
     for p in sweep["points"]:
         if p.get("status") == "done":
             delta = None if ref is None else (p["metric"] - ref) * 100
             cells = [_cell(p["method"]), _cell(f"{p['bits']:g}", p["bits"]), _cell(f"{p['prune']:g}", p["prune"]),
-                     _cell(f"{p['file_bytes']:,}", p["file_bytes"]),
-                     _cell(f"{p['bits_per_param']:.2f}", p["bits_per_param"]), _cell(f"{p['params']:,}", p["params"]),
-                     _cell(f"{p.get('ratio', 0):.1f}x", p.get("ratio", 0)), _cell(f"{p['metric']:.4f}", p["metric"]),
+                     _cell(f"{p['metric']:.4f}", p["metric"]),
                      _cell("" if delta is None else f"{delta:+.2f} pt", "" if delta is None else delta),
+                     _cell(f"{p['file_bytes']:,}", p["file_bytes"]),
+                     _cell(f"{p['bits_per_param']:.2f}", p["bits_per_param"]),
+                     _cell(f"{p.get('ratio', 0):.1f}x", p.get("ratio", 0)), _cell(f"{p['params']:,}", p["params"]),
                      _cell(f"{p['seconds']:.1f}", p["seconds"]), _cell("yes" if p["id"] in front_ids else ""),
                      _cell("recommended" if best is not None and p["id"] == best["id"] else "done")]
         else:

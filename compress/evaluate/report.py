@@ -117,7 +117,7 @@ def accuracy_figure(runs: list[tuple[str, dict[str, Any]]]) -> tuple[Any, list[A
         for (x0, y0, _), (x1, y1, _) in zip(points, points[1:]):
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=2,
                         arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.2, shrinkA=5, shrinkB=5,
-                                        mutation_scale=11))
+                                        mutation_scale=11, connectionstyle="arc3,rad=0.12"))
         for step, (x, y, names) in enumerate(points, 1):
             anchors.append((x, y))
             texts.append(f"{step}. {' > '.join(names)}")

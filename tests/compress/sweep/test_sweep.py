@@ -125,3 +125,40 @@ def test_sweep_writes_points_report_and_resumes(tmp_path: Path, one_thread: None
     calls.clear()
     run_sweep(SweepConfig.from_options(**{**BASE, "recover_steps": 1}, bits=(4,), prune=(0, 0.3), methods=("rtn",)), out)
     assert calls == [("rtn", 4, 0.3)], "recover steps only change pruned points"
+
+
+def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Path) -> None:
+    """The real thing: `compress sweep` killed with SIGKILL after its first points, then run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "compress", "sweep", "none", "--model", "compress:digits-cnn", "--data",
+               "digits:val", "--calib", "digits", "--calib-samples", "16", "--methods", "rtn", "kmeans", "--bits",
+               "1", "2", "3", "4", "-o", str(out)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None:
+        if len(list((out / "points").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the sweep ended before it could be killed:\n" + first.stdout.read()
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    finished = {p.stem for p in (out / "points").glob("*.json")}
+    assert 2 <= len(finished) < 8
+    before = {name: (out / "points" / f"{name}.safetensors").stat().st_mtime_ns for name in finished}
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    cached = [line for line in second.stdout.splitlines() if "), cached;" in line]
+    assert len(cached) == len(finished), second.stdout
+    for name, mtime in before.items():
+        assert (out / "points" / f"{name}.safetensors").stat().st_mtime_ns == mtime, f"{name} was redone"
+    data = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in data["points"]] == ["done"] * 8

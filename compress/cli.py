@@ -528,20 +528,28 @@ def _list_command_class() -> type:
 @app.command(cls=_list_command_class(), epilog="Examples:\n\n"
              "  compress sweep runs/cls/stages/01-finetune/model.safetensors --model compress:digits-cnn "
              "--bits 2 2.5 3 4 --prune 0 0.4 --methods jlcm rtn kmeans nf4 --calib digits --data digits:val "
-             "-o runs/sweep")
+             "-o runs/sweep\n\n"
+             "  compress sweep runs/cls/stages/01-finetune/model.safetensors --recipe recipes/digits-cls.yaml "
+             "--bits 2 3 4 -o runs/sweep")
 def sweep(
     checkpoint: Annotated[str, typer.Argument(help="a .safetensors file or a torch.save'd state dict; 'none': the "
                                                    "builder's random init")],
-    model: Annotated[str, typer.Option("--model", "-m", help="builder spec: compress:NAME, timm:NAME, ...")],
-    data: Annotated[str, typer.Option("--data", help="labelled evaluation split, SOURCE:SPLIT, e.g. digits:val")],
     out: Annotated[Path, typer.Option("--out", "-o", help="sweep folder: sweep.json, report.html, points/")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="builder spec: compress:NAME, timm:NAME, "
+                                                                       "...")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="labelled evaluation split, SOURCE:SPLIT, e.g. "
+                                                               "digits:val")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="take --model, --num-classes, --task, --calib "
+                                                                    "and --data from a recipe (its calib and val "
+                                                                    "splits) unless given")] = None,
     bits: Annotated[Optional[list[str]], typer.Option("--bits", metavar="BITS...", help="bit-widths, e.g. --bits 2 2.5 3 4 (jlcm: "
                                                                     "average bits per weight; others: whole bits)")] = None,
     prune: Annotated[Optional[list[str]], typer.Option("--prune", metavar="SHARE...", help="shares of parameters to prune, e.g. "
                                                                       "--prune 0 0.2 0.4")] = None,
     methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="METHOD...", help="quantization methods: jlcm rtn "
                                                                           "kmeans nf4 (default: all four)")] = None,
-    calib: Annotated[str, typer.Option("--calib", help="calibration images: a data source or a folder")] = "digits",
+    calib: Annotated[Optional[str], typer.Option("--calib", help="calibration images: a data source or a folder "
+                                                                 "(default: digits)")] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="classes of the checkpoint's head "
                                                                              "(default: those of --data)")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="classification or detection (default: that of "
@@ -575,6 +583,15 @@ def sweep(
 
     if bits is None:
         raise UserError("--bits is needed: the bit-widths of the grid, e.g. --bits 2 3 4")
+    if recipe is not None:
+        from compress.sweep.config import options_from_recipe
+
+        base = options_from_recipe(str(recipe))
+        model, data, calib = model or base["model"], data or base["data"], calib or base["calib"]
+        num_classes, task = num_classes or base["num_classes"], task or base["task"]
+    if model is None or data is None:
+        raise UserError(f"{'--model' if model is None else '--data'} is needed (or --recipe to take it from a recipe)")
+    calib = calib or "digits"
     if Path(data).expanduser().is_dir():
         from compress.sweep.run import no_labels
 

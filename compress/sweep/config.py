@@ -138,3 +138,21 @@ class SweepConfig(Config):
                             prune=prune, bits=bits, method=method, calib=self.calib, calib_samples=self.calib_samples,
                             image_size=self.image_size, mean=self.mean, std=self.std, recover=True,
                             recover_steps=self.recover_steps, batch_size=self.batch_size, seed=self.seed)
+
+
+def options_from_recipe(path: str) -> dict[str, Any]:
+    """The base of a sweep taken from a recipe: model, classes, task, calibration (its calib split, else its
+    train split) and the evaluation split (its val split)."""
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(path)
+
+    def ref(which: str, data: Any) -> str:
+        if data.root is not None:
+            raise UserError(f"--recipe {path}: data.{which} reads files ({data.source} at {data.root}); give "
+                            f"--{'data' if which == 'val' else 'calib'} instead")
+        return f"{data.source}:{data.split}"
+
+    calib = recipe.data.calib or recipe.data.train
+    return {"model": recipe.model.build, "num_classes": recipe.model.num_classes, "task": recipe.task,
+            "calib": ref("calib", calib), "data": ref("val", recipe.data.val)}

@@ -162,3 +162,14 @@ def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Pat
         assert (out / "points" / f"{name}.safetensors").stat().st_mtime_ns == mtime, f"{name} was redone"
     data = json.loads((out / "sweep.json").read_text())
     assert [p["status"] for p in data["points"]] == ["done"] * 8
+
+
+def test_a_recipe_gives_the_base_of_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from compress.sweep.config import options_from_recipe
+
+    root = Path(__file__).resolve().parents[3]
+    assert options_from_recipe(str(root / "recipes" / "digits-cls.yaml")) == {
+        "model": "compress:digits-cnn", "num_classes": 10, "task": "classification", "calib": "digits:calib",
+        "data": "digits:val"}
+    assert main(["sweep", "none", "--bits", "4", "-o", str(tmp_path / "s")]) == 2
+    assert "--model is needed (or --recipe" in capsys.readouterr().err

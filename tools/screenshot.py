@@ -29,7 +29,7 @@ def find_chromium() -> str | None:
 def _run(chromium: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="compress-chromium-") as profile:
         return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, check=False)
 
 
 def console_messages(stderr: str) -> list[str]:

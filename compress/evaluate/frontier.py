@@ -13,7 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.evaluate.plotting import format_bytes, label_overlaps, place_labels, png, pyplot, size_axis
+from compress.evaluate.plotting import (
+    format_bytes,
+    label_overlaps,
+    place_labels,
+    png,
+    pyplot,
+    size_axis,
+)
 
 METHOD_STYLE = {  # colour-blind safe (Okabe-Ito), one marker per method
     "jlcm": ("#D55E00", "o"), "rtn": ("#0072B2", "s"), "kmeans": ("#009E73", "^"), "nf4": ("#CC79A7", "D"),
@@ -69,7 +76,7 @@ def zoom_window(sweep: dict[str, Any]) -> tuple[float, float] | None:
     return ref - depth, hi
 
 
-def _draw(ax: Any, sweep: dict[str, Any], legend: bool) -> None:
+def _draw(ax: Any, sweep: dict[str, Any]) -> None:
     points = sweep["points"]
     original = sweep.get("original") or {}
     ref = original.get("metric")
@@ -110,7 +117,6 @@ def frontier_figure(sweep: dict[str, Any]) -> tuple[Any, list[Any]]:
     points, metric = sweep["points"], sweep.get("metric", "metric")
     ok = done(points)
     front = pareto(points)
-    front_ids = {p["id"] for p in front}
     zoom = zoom_window(sweep)
     if zoom is None:
         fig, ax = plt.subplots(figsize=(8.5, 5.2))
@@ -121,7 +127,7 @@ def frontier_figure(sweep: dict[str, Any]) -> tuple[Any, list[Any]]:
     ys = [p["metric"] for p in ok] + ([sweep["original"]["metric"]] if (sweep.get("original") or {}).get("metric")
                                        is not None else [])
     for i, ax in enumerate(axes):
-        _draw(ax, sweep, legend=i == 0)
+        _draw(ax, sweep)
         ax.set_ylabel(f"{metric} on {sweep.get('data', 'the evaluation split')}")
     if ys:
         lo, hi = min(ys), max(ys)
@@ -139,11 +145,15 @@ def frontier_figure(sweep: dict[str, Any]) -> tuple[Any, list[Any]]:
     axes[-1].tick_params(axis="x", labelbottom=True)
     labels = []
     for i, ax in enumerate(axes):
-        y0, y1 = ax.get_ylim()
-        inside = (lambda p: y0 <= p["metric"] <= y1) if i == len(axes) - 1 else (
-            lambda p: not (zoom[0] <= p["metric"]) if zoom else True)
-        mine = [p for p in front if inside(p)]
-        others = [(p["file_bytes"], p["metric"]) for p in ok if p["id"] not in front_ids or not inside(p)]
+        # with a zoom panel (the last one), a Pareto point is labelled in the zoom when it lies in its band,
+        # else in the panel of all points; without one, in the only panel
+        if zoom is not None and i == 0:
+            mine = [p for p in front if p["metric"] < zoom[0]]
+        else:
+            y0, y1 = ax.get_ylim()
+            mine = [p for p in front if y0 <= p["metric"] <= y1]
+        ids = {p["id"] for p in mine}
+        others = [(p["file_bytes"], p["metric"]) for p in ok if p["id"] not in ids]
         labels += place_labels(ax, [(p["file_bytes"], p["metric"]) for p in mine], [settings(p) for p in mine],
                                fontsize=7.5, avoid=others)
     return fig, labels
@@ -234,7 +244,7 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 """
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.8em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;cursor:pointer;white-space:nowrap}th[aria-sort=ascending]::after{content:" \\25B2"}
 th[aria-sort=descending]::after{content:" \\25BC"}td:first-child,th:first-child{text-align:left}
 tr.best td{background:#fff5c2;font-weight:600}tr.front td{background:#f1f7ff}tr.off td{color:#888}

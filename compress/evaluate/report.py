@@ -19,7 +19,14 @@ from typing import Any
 
 from compress.errors import RunDirError
 from compress.evaluate.frontier import OTHER_COLOURS, STYLE, image_tag
-from compress.evaluate.plotting import format_bytes, label_overlaps, place_labels, png, pyplot, size_axis
+from compress.evaluate.plotting import (
+    format_bytes,
+    label_overlaps,
+    place_labels,
+    png,
+    pyplot,
+    size_axis,
+)
 
 SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7") + OTHER_COLOURS
 
@@ -49,7 +56,7 @@ def model_order(spec: dict[str, Any]) -> list[str]:
         with torch.device("meta"):
             net = build_model(spec["build"], num_classes=spec["num_classes"], **spec.get("options", {}))
         return [name for name, _ in net.named_modules()]
-    except Exception:  # noqa: BLE001  (an order is a nicety: fall back to the plan's order)
+    except Exception:
         return []
 
 
@@ -113,14 +120,16 @@ def accuracy_figure(runs: list[tuple[str, dict[str, Any]]]) -> tuple[Any, list[A
         points = [p for p in _groups(report["stages"], metric) if not math.isnan(p[1])]
         xs, vs = [p[0] for p in points], [p[1] for p in points]
         ys += vs
-        ax.scatter(xs, vs, color=colour, s=36, zorder=3, label=name if len(runs) > 1 else None)
+        ax.scatter(xs, vs, color=colour, s=36, zorder=3,
+                   label=f"{chr(ord('a') + i % 26)}: {name}" if len(runs) > 1 else None)
         for (x0, y0, _), (x1, y1, _) in zip(points, points[1:]):
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=2,
                         arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.2, shrinkA=5, shrinkB=5,
                                         mutation_scale=11, connectionstyle="arc3,rad=0.12"))
+        tag = chr(ord("a") + i % 26) if len(runs) > 1 else ""  # several runs: a1, a2, ... b1, ...
         for step, (x, y, names) in enumerate(points, 1):
             anchors.append((x, y))
-            texts.append(f"{step}. {' > '.join(names)}")
+            texts.append(f"{tag}{step}. {' > '.join(names)}")
     if ys:
         lo, hi = min(ys), max(ys)
         span = max(hi - lo, 0.02)

@@ -140,7 +140,12 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, quiet: bool = False,
               printer: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the sweep into `out_dir`; returns what sweep.json holds. A point that fails is recorded
     as failed with its reason and the others still run."""
-    from compress.evaluate.frontier import pareto, recommend, settings, write_sweep_report
+    from compress.evaluate.frontier import (
+        pareto,
+        recommend,
+        settings,
+        write_sweep_report,
+    )
     from compress.format.artifact import load
     from compress.format.checkpoint import atomic_write_json
     from compress.shrink.run import run_shrink
@@ -207,7 +212,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, quiet: bool = False,
                 shrink_seconds = time.perf_counter() - t0
                 model = load(artifact)
                 metrics = evaluator.metrics(model, result["preprocessing"])
-            except Exception as exc:  # noqa: BLE001  (one point's failure is recorded; the others still run)
+            except Exception as exc:
                 if isinstance(exc, UserError) and finished == 0:
                     raise  # most likely a setting every point shares (checkpoint, calibration): its one line
                 failed += 1

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from compress.evaluate.frontier import frontier_figure, pareto, recommend, write_sweep_report, zoom_window
+from compress.evaluate.frontier import (
+    frontier_figure,
+    pareto,
+    recommend,
+    write_sweep_report,
+    zoom_window,
+)
 from compress.evaluate.plotting import byte_ticks, format_bytes, label_overlaps, pyplot
 
 

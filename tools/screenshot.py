@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 CONSOLE = re.compile(r':CONSOLE[^\]]*\] "(.*)", source: (\S*)')
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -48,12 +49,13 @@ def trim(png: Path, background: int = 250) -> None:
 
 
 def render(page: str | Path, shot: str | Path | None = None, width: int = 1280, height: int = 4000,
-           chromium: str | None = None, timeout: float = 120) -> dict:
-    """{"console": [messages], "dom": str} of `page`; with `shot`, also its screenshot at `width` (trimmed)."""
+           chromium: str | None = None, timeout: float = 120, fragment: str = "") -> dict:
+    """{"console": [messages], "dom": str} of `page` (with `#fragment` in its URL if given); with `shot`, also
+    its screenshot at `width` (trimmed)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("chromium is not installed")
-    url = Path(page).resolve().as_uri()
+    url = Path(page).resolve().as_uri() + (f"#{quote(fragment)}" if fragment else "")
     size = f"--window-size={width},{height}"
     messages: list[str] = []
     if shot is not None:

@@ -239,7 +239,15 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
     }
     th.addEventListener('click', sort);
     th.addEventListener('keydown', function (e) { if (e.key === 'Enter') sort(); });
+    th.sortBy = sort;
   });
+  // a link may ask for a sorted view: report.html#sort=file%20bytes (ascending) or #sort=-top1 (descending)
+  var asked = decodeURIComponent(location.hash).match(/^#sort=(-?)(.+)$/);
+  if (asked) {
+    table.querySelectorAll('th').forEach(function (th) {
+      if (th.textContent.trim() === asked[2]) { th.sortBy(); if (asked[1]) th.sortBy(); }
+    });
+  }
 });
 """
 
@@ -298,7 +306,8 @@ calibration {html.escape(str(sweep.get('calib', '')))}, evaluated on {html.escap
 methods (no other point is both smaller and better), labelled method, bits (jlcm: average bits per weight of the
 whole model; rtn/kmeans/nf4: index bits of every layer) and share of parameters pruned. File size is the
 artifact's bytes on disk (header included). Pareto frontier: {front_text or 'none'}.</p>
-<h2>Every point</h2><p class="note">Click a column to sort. file bits/param = file bytes x 8 / parameters
+<h2>Every point</h2><p class="note">Click a column to sort (or link to <code>report.html#sort=file bytes</code>,
+<code>#sort=-{html.escape(metric)}</code> for descending). file bits/param = file bytes x 8 / parameters
 of the stored model.</p>
 {points_table(sweep)}
 <script>{SORT_SCRIPT}</script>

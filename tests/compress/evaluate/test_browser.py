@@ -90,3 +90,21 @@ def test_a_broken_plot_is_caught(tool, sweep_page: Path, tmp_path: Path) -> None
     assert any("plot missing: " in m for m in result["console"]), result["console"]
     with pytest.raises(AssertionError, match="console messages"):
         check_page(tool, broken, ["frontier.png"], tmp_path)
+
+
+def test_the_points_table_sorts_in_the_browser(tool, sweep_page: Path) -> None:
+    def column(dom: str, index: int) -> list[str]:
+        body = dom.split('<table class="sortable" id="points">', 1)[1].split("</tbody>", 1)[0]
+        rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body.split("<tbody>", 1)[1], flags=re.S)
+        return [re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)[index] for row in rows]
+
+    plain = tool.render(sweep_page, fragment="")["dom"]
+    assert column(plain, 0)[:2] == ["jlcm", "rtn"], "as written: the sweep's order"
+    by_size = tool.render(sweep_page, fragment="sort=file bytes")
+    assert by_size["console"] == []
+    sizes = [int(v.replace(",", "")) for v in column(by_size["dom"], 5) if v]
+    assert sizes == sorted(sizes) and len(sizes) == 6
+    assert column(by_size["dom"], 5)[-1] == "", "points without a size sort last"
+    by_metric = tool.render(sweep_page, fragment="sort=-top1")["dom"]
+    metrics = [float(v) for v in column(by_metric, 3) if v]
+    assert metrics == sorted(metrics, reverse=True)

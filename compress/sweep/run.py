@@ -203,7 +203,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, quiet: bool = False,
         entry_path, artifact = out_dir / "points" / f"{name}.json", out_dir / "points" / f"{name}.safetensors"
         cached = _read_json(entry_path)
         if cached and cached.get("key") == key and artifact.is_file() and artifact.stat().st_size == cached["file_bytes"]:
-            point = cached
+            point = {**cached, "artifact": str(artifact)}  # the folder may have moved since
             note = "cached"
         else:
             t0 = time.perf_counter()

@@ -27,6 +27,8 @@ EXAMPLES = """Examples:
 
   compress report runs/digits-cls
 
+  compress sweep model.safetensors --model compress:digits-cnn --bits 2 3 4 --prune 0 0.4 --data digits:val -o runs/sweep
+
   compress export runs/digits-cls/model.safetensors --onnx model.onnx
 
   compress inspect compress:yolo-n --groups
@@ -356,15 +358,34 @@ def _load_for_eval(path: Path, model_file: Optional[Path] = None) -> tuple[Any, 
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory of `compress run`")]) -> None:
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories of `compress run` (several: side by side), "
+                                                        "or a folder of `compress sweep`")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="several runs: the page to write (default: "
+                                                                    "report-compare.html here)")] = None,
+) -> None:
     """Write RUN_DIR/report.html (self-contained: plots embedded) and the PNGs beside it.
 
+    With several run directories, one page puts them side by side. On the folder of a `compress sweep`,
+    redraws its report (the frontier) from sweep.json.
+
     Example: compress report runs/digits-yolo
+
+    Example: compress report runs/cls-a runs/cls-b -o compare.html
     """
     from compress.evaluate.report import write_report
 
     with _quiet_output():
-        path = write_report(run_dir)
+        if len(run_dirs) > 1:
+            from compress.evaluate.report import write_comparison
+
+            path = write_comparison(run_dirs, out or Path("report-compare.html"))
+        elif (run_dirs[0] / "sweep.json").is_file() and not (run_dirs[0] / "report.json").is_file():
+            from compress.evaluate.frontier import write_sweep_report
+
+            path = write_sweep_report(run_dirs[0])
+        else:
+            path = write_report(run_dirs[0])
     print(path)
 
 
@@ -469,3 +490,149 @@ def _export_line(result: dict[str, Any], onnx: Path, dense: bool) -> str:
     elif isinstance(result.get("quantized_layers"), int):
         details.append(f"{result['quantized_layers']} quantized layers kept packed")
     return parts[0] + (": " + ", ".join(details) if details else "")
+
+
+def _list_command_class() -> type:
+    """A command whose list options take several values after one flag (`--bits 2 2.5 3 4`, or `--bits 2,3`):
+    the values are spread into repeated flags before click parses them."""
+    from typer.core import TyperCommand
+
+    class ListOptionsCommand(TyperCommand):
+        list_options = ("--bits", "--prune", "--methods")
+
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            import re
+
+            number = re.compile(r"^-?\d*\.?\d+(e-?\d+)?$")
+            spread: list[str] = []
+            flag, got = None, 0
+
+            def add(text: str) -> int:
+                values = [v for v in text.split(",") if v]
+                for v in values:
+                    spread.extend((flag, v))
+                return len(values)
+
+            for arg in args:
+                name, eq, value = arg.partition("=")
+                if name in self.list_options:
+                    if flag is not None and not got:
+                        spread.extend((flag, ""))  # a list flag with no value: the empty-grid message
+                    flag, got = name, add(value) if eq else 0
+                    continue
+                if flag is not None and (not arg.startswith("-") or number.match(arg)):
+                    got += add(arg)
+                    continue
+                if flag is not None and not got:
+                    spread.extend((flag, ""))
+                flag = None
+                spread.append(arg)
+            if flag is not None and not got:
+                spread.extend((flag, ""))
+            return super().parse_args(ctx, spread)
+
+    return ListOptionsCommand
+
+
+@app.command(cls=_list_command_class(), epilog="Examples:\n\n"
+             "  compress sweep runs/cls/stages/01-finetune/model.safetensors --model compress:digits-cnn "
+             "--bits 2 2.5 3 4 --prune 0 0.4 --methods jlcm rtn kmeans nf4 --calib digits --data digits:val "
+             "-o runs/sweep\n\n"
+             "  compress sweep runs/cls/stages/01-finetune/model.safetensors --recipe recipes/digits-cls.yaml "
+             "--bits 2 3 4 -o runs/sweep")
+def sweep(
+    checkpoint: Annotated[str, typer.Argument(help="a .safetensors file or a torch.save'd state dict; 'none': the "
+                                                   "builder's random init")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep folder: sweep.json, report.html, points/")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="builder spec: compress:NAME, timm:NAME, "
+                                                                       "...")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="labelled evaluation split, SOURCE:SPLIT, e.g. "
+                                                               "digits:val")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="take --model, --num-classes, --task, --calib "
+                                                                    "and --data from a recipe (its calib and val "
+                                                                    "splits) unless given")] = None,
+    bits: Annotated[Optional[list[str]], typer.Option("--bits", metavar="BITS...", help="bit-widths, e.g. --bits 2 2.5 3 4 (jlcm: "
+                                                                    "average bits per weight; others: whole bits)")] = None,
+    prune: Annotated[Optional[list[str]], typer.Option("--prune", metavar="SHARE...", help="shares of parameters to prune, e.g. "
+                                                                      "--prune 0 0.2 0.4")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="METHOD...", help="quantization methods: jlcm rtn "
+                                                                          "kmeans nf4 (default: all four)")] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="calibration images: a data source or a folder "
+                                                                 "(default: digits)")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="classes of the checkpoint's head "
+                                                                             "(default: those of --data)")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classification or detection (default: that of "
+                                                               "--data)")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="calibration images used")] = 64,
+    recover_steps: Annotated[int, typer.Option("--recover-steps", help="output-distillation steps after pruning")] = 100,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="recommend the smallest point within this many "
+                                                                 "points of the original's metric")] = 1.0,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="square input side (default: what "
+                                                                           "the model expects)")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Shrink a checkpoint at every point of a grid (method x bits x prune), evaluate each artifact, and draw
+    the accuracy-vs-size Pareto frontier against the baselines in OUT/report.html.
+
+    Every point runs as `compress shrink` does and is cached in OUT/points/: run the same command again to
+    resume a killed sweep (finished points are not redone). Settings a method cannot take (rtn at 2.5 bits,
+    nf4 at anything but 4) are recorded as skipped, with the reason.
+    """
+    from compress.errors import UserError
+    from compress.sweep import SweepConfig, run_sweep
+
+    def numbers(values: list[str] | None, option: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        if values is None:
+            return default
+        try:
+            return tuple(float(v) for v in values if v != "")
+        except ValueError:
+            bad = next(v for v in values if not _is_number(v))
+            raise UserError(f"{option} {bad!r}: not a number") from None
+
+    if bits is None:
+        raise UserError("--bits is needed: the bit-widths of the grid, e.g. --bits 2 3 4")
+    if recipe is not None:
+        from compress.sweep.config import options_from_recipe
+
+        base = options_from_recipe(str(recipe))
+        model, data, calib = model or base["model"], data or base["data"], calib or base["calib"]
+        num_classes, task = num_classes or base["num_classes"], task or base["task"]
+    if model is None or data is None:
+        raise UserError(f"{'--model' if model is None else '--data'} is needed (or --recipe to take it from a recipe)")
+    calib = calib or "digits"
+    if Path(data).expanduser().is_dir():
+        from compress.sweep.run import no_labels
+
+        raise no_labels(data, "a folder of images has no labels")
+    if task is None or num_classes is None:
+        from calib import get_dataset
+
+        source, _, split = data.rpartition(":")
+        if not source:
+            raise UserError(f"--data {data!r}: write SOURCE:SPLIT, e.g. digits:val")
+        found = get_dataset(source, split)
+        task = task or getattr(found, "task", "classification")
+        num_classes = num_classes or getattr(found, "num_classes", 0) or None
+        if num_classes is None:
+            raise UserError(f"--num-classes is needed: --data {data} does not say how many classes")
+    config = SweepConfig.from_options(
+        model=model, checkpoint=checkpoint, num_classes=num_classes, task=task,
+        bits=numbers(bits, "--bits", ()), prune=numbers(prune, "--prune", (0.0,)),
+        methods=tuple(m for m in (methods if methods is not None else ["jlcm", "rtn", "kmeans", "nf4"]) if m),
+        calib=calib, data=data, calib_samples=calib_samples, recover_steps=recover_steps, tolerance=tolerance,
+        image_size=image_size, seed=seed)
+    with _quiet_output():
+        result = run_sweep(config, out, quiet=_is_quiet())
+    print(result["report"])
+    if result.get("failed"):
+        print(f"error: {result['failed']} point(s) failed (see {out / 'sweep.json'})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -424,7 +424,9 @@ def build_validated(path: Path, spec: dict[str, Any], meta: dict[str, Any], tens
         raise ArtifactError(f"{path}: the manifest does not describe a buildable model ({reason})") from None
     check_pruned_modules(model, meta, str(path))
     check_against_model(model, tensors, str(path))
-    model.load_state_dict(tensors, strict=True)
+    from compress.models.checkpoint import load_state
+
+    load_state(model, tensors)
     return model
 
 

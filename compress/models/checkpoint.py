@@ -1,6 +1,8 @@
 """Load weights into a built model: `.safetensors` or a torch file read with `weights_only=True`, strictly."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from pathlib import Path
 
 import torch
@@ -70,5 +72,15 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(
             f"checkpoint '{path}' does not match the model ({type(model).__name__}): " + "; ".join(problems)
         )
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
     return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """`model.load_state_dict(state)`, giving a state without per-module versions (safetensors files keep none)
+    the versions of the model's own code: modules that read theirs when loading (torchvision's MNASNet) fail
+    without them."""
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=strict)

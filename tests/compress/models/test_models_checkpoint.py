@@ -87,3 +87,33 @@ def test_unreadable_and_missing_files(tmp_path) -> None:
     torch.save([1, 2, 3], notsd)
     with pytest.raises(CheckpointError, match="list.pt.*not a state dict"):
         load_checkpoint(model, notsd)
+
+
+class _Versioned(torch.nn.Module):
+    """Reads its state-dict version when loading, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_a_state_without_versions_gets_the_models_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from compress.models.checkpoint import load_state
+
+    source = _Versioned()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "v.safetensors"))
+    plain = load_file(str(tmp_path / "v.safetensors"))  # a plain dict: no _metadata
+    target = _Versioned()
+    with pytest.raises(ValueError, match="version should be set"):
+        target.load_state_dict(plain)
+    load_state(target, plain)
+    assert torch.equal(target.conv.weight, source.conv.weight)

@@ -158,6 +158,10 @@ class Decider:
                 self.ranks[(u, j)] = part
         self.groups = sorted({key[0] for key in self.scores})
         self.unit_groups = [sorted({c.group for c in u.carriers}) for u in self.units]
+        # the unit elements each cut layer holds: a layer that holds only some of them (a concat's input, a
+        # chunk's part) must keep at least one, or removing the unit would empty it
+        self.covers = [[np.unique(m.root) for m in u.members if len(m.root) and len(np.unique(m.root)) < u.size]
+                       for u in self.units]
         self.importance = []
         for unit in self.units:
             total = np.zeros(unit.size)
@@ -186,7 +190,13 @@ class Decider:
             keep = vote(kept, covered, self.mode)
         for parts in unit.balance:
             keep = apply_balance(keep, parts, importance)
-        return apply_floor(keep, importance, self.floors[index], unit.ties, unit.balance)
+        keep = apply_floor(keep, importance, self.floors[index], unit.ties, unit.balance)
+        for covered in self.covers[index]:
+            if not keep[covered].any():
+                best = covered[np.argmax(importance[covered])]
+                keep = keep.copy()
+                keep[unit.ties == unit.ties[best] if unit.ties is not None else best] = True
+        return keep
 
     def decide_all(self, ratios: Mapping[str, float]) -> list[np.ndarray]:
         thresholds = self.thresholds(ratios)

@@ -87,3 +87,17 @@ def test_decider_votes_across_coupled_carriers_and_floor():
     assert keep.tolist() == [False, False, True, True]
     keep = Decider([unit], floor_min=4).decide_all({"g": 0.9})[0]
     assert keep.all(), "the floor keeps min(16, C) = all 4 channels"
+
+
+def test_a_layer_holding_some_of_the_units_channels_keeps_one():
+    """A cut layer that holds only elements 0-1 of an 8-element unit (a concat input, say) must keep one of them,
+    even when their scores are the lowest, or removing the unit would leave that layer with no channel."""
+    from compress.prune.graph import Member
+
+    scores = [0.01, 0.02, 5, 6, 7, 8, 9, 10]
+    part = Member("narrow", "in", np.array([0, 1]), np.array([0, 1]))
+    whole = Member("wide", "out", np.arange(8), np.arange(8))
+    unit = Unit("u", "channels", 8, [whole, part], [_carrier("bn", "g", scores)])
+    keep = Decider([unit], floor_min=1).decide_all({"g": 0.5})[0]
+    assert keep[[0, 1]].tolist() == [False, True], keep
+    assert keep.sum() == 5  # the four best and the narrow layer's best

@@ -84,6 +84,9 @@ try:
                   pruned=any(s["name"] == "prune" for s in figures["stages"]))
 except BaseException as exc:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    trace = traceback.format_exc()
+    if "in _verify" in trace or "in load" in trace and step[0] == "quantize":
+        step[0] = "reload"
     result.update(ok=False, step=step[0], reason=f"{type(exc).__name__}: {text}"[:300],
                   trace=traceback.format_exc()[-2000:])
 result["seconds"] = round(time.perf_counter() - start, 1)

@@ -7,7 +7,10 @@ call order and the modules before the perturbed one replay their recorded output
 each pass runs the model from that layer on. Errors are taken as additive across layers. Allocation is
 greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (to any wider choice) with
 the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
-(indices, codebooks, scales, row maps), and the budget counts every other parameter of the model as stored.
+(indices, codebooks, scales, row maps). A bits target is a budget for the quantizable weights only; a size
+target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
+may stay float at 32 bits a weight; 8 bits are then measured too, since some layers (the first depthwise conv
+of a MobileNetV2) lose accuracy even at 8 bits.
 """
 from __future__ import annotations
 
@@ -60,8 +63,11 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
         out[site.name] = {}
         cutoff = replay.cutoff([call_name(site)]) if replay is not None else 0.0
         for bits in choices:
+            if bits > 8:  # kept float (the float choice): exact, 32 bits a weight
+                out[site.name][bits] = {"error": 0.0, "bits": float(bits * original.numel())}
+                continue
             layout, buffers = method.fn(original, None, bits, quick)
-            if bits >= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
+            if bits >= 8 and max(choices) <= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue
             param.data.copy_(decode(layout, buffers).to(param.dtype))

@@ -173,7 +173,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
     layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, spec, config, progress)
     with_stats = config.needs_stats() and bool(batches)
-    float_model = copy.deepcopy(model) if with_stats and config.sequential else model
+    keep_float = (with_stats and config.sequential) or (config.bias_correction > 0 and bool(batches))
+    float_model = copy.deepcopy(model) if keep_float else model
     stats_all = {}
     float_inputs, replay = None, None
     if with_stats and config.sequential:
@@ -226,6 +227,13 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                       "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})
+    corrected = 0
+    if config.bias_correction > 0 and batches and float_model is not model:
+        from compress.quant.bias import correct_bias
+
+        done = {e["name"] for e in layers}
+        corrected = correct_bias(float_model, model, [s for s in ordered if s.name in done],
+                                 _first_samples(batches, 64), config.bias_correction)
     del float_model, float_inputs, replay
     n_quant = max(sum(e["weights"] for e in layers), 1)
     n = n_quant + sum(e["weights"] for e in kept_float)
@@ -235,7 +243,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                "bits_per_weight": round(stored / n, 4), "kept_float": kept_float,
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model, buffers=False) / max(count_params(model), 1), 4),
-               "size_bytes": storage_bytes(model), "target": target, "feasible": feasible}
+               "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
+               "bias_corrected_layers": corrected}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
             "layers": layers, "summary": summary}
 

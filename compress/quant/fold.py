@@ -8,8 +8,9 @@ others. Folding gives the conv W' = s * W and leaves the BN as a plain per-chann
 parameter shapes (so artifacts, pruning manifests and loaders are unchanged), and the quantizer now sees
 the weights as they act on the output.
 
-Pairs are found by running the model once: a BN is folded into a conv when the BN's input is the conv's
-output tensor and no other module takes that tensor (a conv output also used elsewhere would change there).
+Pairs come from a torch.fx trace (the conv's output has one user, the BN), or, for models fx cannot trace,
+from a conv followed by a BN in an nn.Sequential; a run on a batch confirms each (the BN reads the conv's
+output tensor; each is called once). A conv output also used elsewhere is never folded (it would change there).
 Only Conv1d/2d/3d (not transposed) followed by an affine BN with running statistics are folded.
 """
 from __future__ import annotations
@@ -25,27 +26,59 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
+    """Pairs from a torch.fx trace: a conv node whose one user is a BN module (None: not traceable)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001  (any model torch.fx cannot trace falls back to module order)
+        return None
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONVS) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules.get(user.target), _NORMS):
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs of a conv directly followed by a BN inside an nn.Sequential (the conv's output goes to the BN only)."""
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (a, conv), (b, bn) in zip(children, children[1:]):
+                if isinstance(conv, _CONVS) and isinstance(bn, _NORMS):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
 @torch.no_grad()
 def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
-    """(conv name, BN name) of every BN whose only producer is a conv whose output no other module reads."""
-    produced: dict[int, str] = {}
-    readers: dict[int, list[str]] = {}
+    """(conv name, BN name) of every BN that reads a conv's output which nothing else reads: from a torch.fx
+    trace of the model, else (not traceable) from convs followed by a BN in an nn.Sequential; each pair is
+    also checked on `batch` (the BN's input is the conv's output tensor, each called once)."""
+    candidates = _fx_pairs(model)
+    if candidates is None:
+        candidates = _sequential_pairs(model)
+    produced: dict[str, list[int]] = {}
+    read: dict[str, list[int]] = {}
     keep: list[torch.Tensor] = []  # tensors stay alive during the pass, so their ids are not reused
     handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, _CONVS):
-            def post(_m: nn.Module, _a: tuple, out: Any, name: str = name) -> None:
-                if torch.is_tensor(out):
-                    produced[id(out)] = name
-                    keep.append(out)
-            handles.append(module.register_forward_hook(post))
-        if name:  # every module that takes a tensor as input, containers included
-            def pre(_m: nn.Module, args: tuple, name: str = name) -> None:
-                for a in args:
-                    if torch.is_tensor(a):
-                        readers.setdefault(id(a), []).append(name)
-                        keep.append(a)
-            handles.append(module.register_forward_pre_hook(pre))
+    modules = dict(model.named_modules())
+    for conv, bn in candidates:
+        def post(_m: nn.Module, _a: tuple, out: Any, name: str = conv) -> None:
+            produced.setdefault(name, []).append(id(out))
+            keep.append(out)
+
+        def pre(_m: nn.Module, args: tuple, name: str = bn) -> None:
+            read.setdefault(name, []).append(id(args[0]) if args else -1)
+            keep.extend(a for a in args if torch.is_tensor(a))
+
+        handles += [modules[conv].register_forward_hook(post), modules[bn].register_forward_pre_hook(pre)]
     was_training = model.training
     model.eval()
     try:
@@ -54,21 +87,13 @@ def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    modules = dict(model.named_modules())
-    pairs, seen_convs, seen_bns = [], set(), set()
-    for key, conv in produced.items():
-        users = readers.get(key, [])
-        if len(users) != 1 or not isinstance(modules[users[0]], _NORMS):
+    pairs = []
+    for conv, bn in candidates:
+        c, b = modules[conv], modules[bn]
+        if len(produced.get(conv, [])) != 1 or produced[conv] != read.get(bn):
             continue
-        bn_name = users[0]
-        if conv in seen_convs or bn_name in seen_bns:  # a module called twice: not a fixed pair
-            pairs = [p for p in pairs if p[0] != conv and p[1] != bn_name]
-            continue
-        seen_convs.add(conv)
-        seen_bns.add(bn_name)
-        c, bn = modules[conv], modules[bn_name]
-        if bn.num_features == c.out_channels and bn.affine and bn.running_var is not None:
-            pairs.append((conv, bn_name))
+        if b.num_features == c.out_channels and b.affine and b.running_var is not None:
+            pairs.append((conv, bn))
     return pairs
 
 

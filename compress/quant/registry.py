@@ -47,6 +47,9 @@ class QuantConfig(Config):
     replay_mb: int = Field(512, ge=0, description="memory for recorded module outputs, per model copy, so that a "
                            "calibration pass only runs the model from where the last one stopped (0: off)")
     seed: int = Field(0, description="seed of the position sampling")
+    bias_correction: int = Field(0, ge=0, description="passes of bias correction after quantizing (0: none): each "
+                                 "quantized layer's mean output per channel is matched to the float model's on up to "
+                                 "64 calibration inputs, through its bias or the next BatchNorm's running mean")
     fold_bn: bool = Field(False, description="fold each BatchNorm that follows a conv into the conv's weight before "
                           "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
 

@@ -27,8 +27,18 @@ from compress.quant.registry import QuantConfig, QuantMethod
 __all__ = ["output_error", "measure_sensitivity", "allocate_bits"]
 
 
-def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> float:
-    """Relative squared error sum ||y - y_ref||^2 / sum ||y_ref||^2 over every output tensor of every batch."""
+def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]], metric: str = "mse") -> float:
+    """Relative squared error sum ||y - y_ref||^2 / sum ||y_ref||^2 over every output tensor of every batch;
+    metric "kl": the mean KL(softmax(y_ref) || softmax(y)) of 2-D outputs (a classifier's logits: what top-1
+    agreement depends on), the relative squared error for a model with other outputs."""
+    if metric == "kl" and all(a.dim() == 2 for o in outputs for a in o):
+        total = count = 0.0
+        for o, r in zip(outputs, reference):
+            for a, b in zip(o, r):
+                log_p, log_q = torch.log_softmax(b.float(), 1), torch.log_softmax(a.float(), 1)
+                total += float((log_p.exp() * (log_p - log_q)).sum())
+                count += b.shape[0]
+        return total / max(count, 1.0)
     num = sum(float(((a.float() - b.float()) ** 2).sum()) for o, r in zip(outputs, reference) for a, b in zip(o, r))
     den = sum(float((b.float() ** 2).sum()) for r in reference for b in r)
     return num / max(den, 1e-30)
@@ -71,7 +81,8 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue
             param.data.copy_(decode(layout, buffers).to(param.dtype))
-            out[site.name][bits] = {"error": output_error(_run(model, batches, replay, cutoff), reference),
+            out[site.name][bits] = {"error": output_error(_run(model, batches, replay, cutoff), reference,
+                                                          getattr(config, "sensitivity_metric", "mse")),
                                     "bits": float(storage_bits(layout))}
         param.data.copy_(original)
         if progress is not None:

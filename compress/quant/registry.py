@@ -35,6 +35,9 @@ class QuantConfig(Config):
                                "bits perturb (8 bits are then measured, not assumed lossless)")
     ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
                               "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")
+    sensitivity_metric: Literal["mse", "kl"] = Field("mse", description="mixed: the output error a layer's "
+                                                     "sensitivity is measured by: relative squared error of the "
+                                                     "outputs, or KL of the softmax (classifiers' logits)")
     sensitivity_samples: int = Field(16, gt=0, description="mixed: calibration inputs used to measure sensitivity")
     max_samples: int = Field(8192, gt=0, description="input rows per layer (tokens, or conv positions drawn at "
                              "random) used for the layer's statistics")

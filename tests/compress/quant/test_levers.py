@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -119,3 +121,18 @@ def test_kept_float_layers_stay_plain_and_are_counted() -> None:
     assert [e["name"] for e in summary["kept_float"]] == ["dw.0"] and type(q.dw[0]) is nn.Conv2d
     assert summary["float_params"]["reasons"]["kept float by the mixed allocation (sensitive and small)"] == 72
     assert "dw.0" not in {e["name"] for e in q.quantization_plan["layers"]}
+
+
+def test_kl_sensitivity_metric() -> None:
+    from compress.quant.plan import output_error
+
+    ref = [[torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]])]]
+    same = output_error(ref, ref, "kl")
+    flipped = output_error([[torch.tensor([[0.0, 4.0, 0.0], [0.0, 1.0, 0.0]])]], ref, "kl")
+    assert same == 0.0 and flipped > 1.0
+    p = torch.tensor([4.0, 0.0, 0.0]).softmax(0)
+    q = torch.tensor([0.0, 4.0, 0.0]).softmax(0)
+    assert flipped == pytest.approx(float((p * (p.log() - q.log())).sum()) / 2, rel=1e-5)
+    # outputs that are not logits [B, C] fall back to the relative squared error
+    maps = [[torch.ones(1, 2, 3, 3)]]
+    assert output_error([[torch.zeros(1, 2, 3, 3)]], maps, "kl") == pytest.approx(1.0)

@@ -448,8 +448,9 @@ def shrink(
     task: Annotated[str, typer.Option("--task", help="classification or detection")] = "classification",
     prune: Annotated[float, typer.Option("--prune", help="share of parameters to remove by channel pruning "
                                                          "(|gamma| / magnitude importance); 0: no pruning")] = 0.0,
-    bits: Annotated[float, typer.Option("--bits", help="average bits per weight of the whole model (jlcm: mixed "
-                                                       "precision; rtn/kmeans: whole bits per layer)")] = 3.0,
+    bits: Annotated[float, typer.Option("--bits", help="average stored bits per quantized weight, codebooks and "
+                                                       "maps included (jlcm: mixed precision, refused when it "
+                                                       "cannot be met; rtn/kmeans: whole bits per layer)")] = 3.0,
     method: Annotated[str, typer.Option("--method", help="quantization method: jlcm, rtn, kmeans, nf4")] = "jlcm",
     calib: Annotated[str, typer.Option("--calib", help="calibration images: a data source (its calib split, or "
                                                        "SOURCE:SPLIT) or a folder of images; labels not needed")] = "digits",
@@ -484,7 +485,10 @@ def shrink(
                             quiet=_is_quiet())
     print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
           f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
-          f"{result['bits_per_weight']:.2f} bits/weight, {result['params_after']:,} params, {result['seconds']:.0f} s")
+          f"{result['bits_per_weight']:.2f} bits/weight"
+          + (f" ({result['quantized_bits_per_weight']:.2f} per quantized weight)"
+             if result.get("quantized_bits_per_weight") is not None else "")
+          + f", {result['params_after']:,} params, {result['seconds']:.0f} s")
 
 
 @app.command(epilog="Examples:\n\n"

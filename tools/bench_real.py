@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="append the rows (JSON lines) to this file")
     parser.add_argument("--label", default="", help="a name for this setting, written in every row")
+    parser.add_argument("--keep", help="keep the artifacts in this folder (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint) if args.checkpoint else weights_path()
@@ -89,11 +90,13 @@ def main() -> None:
     original = build_model(SPEC, num_classes=1000, checkpoint=str(checkpoint)).eval()
     rows = []
     reference = images = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for spec in args.rows:
             method, _, bits = spec.partition(":")
             for seed in args.seeds if method == "jlcm" or args.prune > 0 else args.seeds[:1]:
-                out = Path(tmp) / f"{method}-{bits}-{seed}.safetensors"
+                out = Path(tmp) / f"{method}-{bits}-{seed}{'-prune' + str(args.prune) if args.prune else ''}.safetensors"
                 calib.photos.DEFAULT_SEED = seed
                 quant = dict(options)
                 if method != "jlcm":

@@ -303,17 +303,25 @@ def eval_(
                                                                "(folder, coco, yolo, voc)")] = None,
     model_file: Annotated[Optional[Path], typer.Option("--model-file", help="the Python file of a file: model "
                                                                              "(never taken from the artifact)")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="the original model (an artifact, or a "
+                       "checkpoint with --model): report agreement with it instead of accuracy (no labels needed)")] = None,
+    model_spec: Annotated[Optional[str], typer.Option("--model", "-m", help="builder spec of the --against checkpoint, "
+                     "e.g. torchvision:mobilenet_v2")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="evaluate on the first N images only")] = None,
 ) -> None:
     """Evaluate an artifact on a data split, in a fresh process, without the recipe.
 
     Images are prepared as the artifact's manifest says (resize / mean / std of `compress shrink`), else
-    passed as the data source gives them.
+    passed as the data source gives them. With --against, the compressed model is compared with the original
+    on the same images (top-1 agreement, on all and on confident images, top-5 overlap, KL; detectors: F1 of
+    the original's boxes), so unlabelled data such as photos:val works.
 
     Example: compress eval runs/digits-yolo/model.safetensors --data digits-detect:val --json
+
+    Example: compress eval mnv2-4bit.safetensors --data photos:val --against mobilenet_v2.pth -m torchvision:mobilenet_v2
     """
     import json
 
-    from calib import get_dataset
     from compress.errors import UserError
     from compress.tasks import get_task
 
@@ -322,25 +330,87 @@ def eval_(
         raise UserError(f"--data {data!r}: write SOURCE:SPLIT, e.g. digits-detect:val")
     if batch_size is not None and batch_size <= 0:
         raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    if samples is not None and samples <= 0:
+        raise UserError(f"--samples must be > 0 (got {samples})")
     model, manifest = _load_for_eval(artifact, model_file)
     task = get_task(manifest["task"])
-    dataset = get_dataset(source, split, root=root)
-    data_task = getattr(dataset, "task", None)
+    raw = _eval_dataset(source, split, samples, root)
+    data_task = getattr(raw, "task", None)
     if data_task is not None and data_task != task.name:
         raise UserError(f"--data {data}: a {data_task} source, but {artifact} is a {task.name} model")
+    dataset = raw
     if manifest.get("preprocessing"):
         from compress.shrink.data import Prepared
         from compress.shrink.preprocess import Preprocessing
 
         pre = Preprocessing.from_dict(manifest["preprocessing"])
-        dataset = Prepared(dataset, pre, task.name)
+        dataset = Prepared(raw, pre, task.name)
         _info(f"preprocessing (from the artifact): {pre.describe()}")
-    loader = task.loader(dataset, batch_size or manifest.get("eval_batch_size", 64), shuffle=False)
-    metrics = task.evaluate(model, _track(loader, f"eval {source}:{split}", total=len(loader)))
+    size = batch_size or manifest.get("eval_batch_size", 64)
+    loader = task.loader(dataset, size, shuffle=False)
+    if against is not None:
+        metrics = _fidelity(model, manifest, task, raw, loader, against, model_spec, size, f"{source}:{split}")
+    elif getattr(raw, "num_classes", 1) == 0:
+        raise UserError(f"--data {data}: the images are unlabelled; pass --against ORIGINAL to measure agreement "
+                        "with the original model")
+    else:
+        metrics = task.evaluate(model, _track(loader, f"eval {source}:{split}", total=len(loader)))
     if json_:
         print(json.dumps(metrics))
     else:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _eval_dataset(source: str, split: str, samples: int | None, root: str | None = None) -> Any:
+    """The split; a source that generates as many images as asked (photos) makes `samples` of them."""
+    from torch.utils.data import Subset
+
+    from calib import get_dataset
+    from calib.registry import source_options
+
+    if samples is not None and "samples" in source_options(source):
+        return get_dataset(source, split, root=root, samples=samples)
+    dataset = get_dataset(source, split, root=root)
+    if samples is not None and samples < len(dataset):
+        subset = Subset(dataset, range(samples))
+        for name in ("task", "num_classes", "class_names", "image_size"):
+            if hasattr(dataset, name):
+                setattr(subset, name, getattr(dataset, name))
+        return subset
+    return dataset
+
+
+def _fidelity(model: Any, manifest: dict[str, Any], task: Any, raw: Any, loader: Any, against: str,
+              model_spec: str | None, batch_size: int, label: str) -> dict[str, float]:
+    """Agreement of the compressed `model` with the original `against` on the same images."""
+    from compress.errors import UserError
+    from compress.evaluate.fidelity import fidelity, load_reference
+
+    classes = (manifest.get("model") or {}).get("num_classes")
+    if classes is None:
+        classes = _output_classes(model, task, loader)
+    original, original_pre = load_reference(against, int(classes), model_spec)
+    if manifest.get("task") and _is_detector(original) != (manifest["task"] == "detection"):
+        kind = "a detector" if _is_detector(original) else "a classifier"
+        raise UserError(f"--against {against}: the original is {kind}, the compressed model is not")
+    original_loader = None
+    if original_pre and original_pre != manifest.get("preprocessing"):
+        from compress.shrink.data import Prepared
+        from compress.shrink.preprocess import Preprocessing
+
+        original_loader = task.loader(Prepared(raw, Preprocessing.from_dict(original_pre), task.name), batch_size,
+                                      shuffle=False)
+    _info(f"against: {against} ({type(original).__name__})")
+    return fidelity(model, original, _track(loader, f"eval {label} against the original", total=len(loader)),
+                    task.name, original_loader)
+
+
+def _output_classes(model: Any, task: Any, loader: Any) -> int:
+    """Classes of a classifier, from its output on one batch (stage checkpoints carry no manifest)."""
+    import torch
+
+    with torch.no_grad():
+        return int(model(task.inputs(next(iter(loader)))).shape[-1])
 
 
 def _load_for_eval(path: Path, model_file: Optional[Path] = None) -> tuple[Any, dict[str, Any]]:
@@ -406,8 +476,9 @@ def shrink(
     task: Annotated[str, typer.Option("--task", help="classification or detection")] = "classification",
     prune: Annotated[float, typer.Option("--prune", help="share of parameters to remove by channel pruning "
                                                          "(|gamma| / magnitude importance); 0: no pruning")] = 0.0,
-    bits: Annotated[float, typer.Option("--bits", help="average bits per weight of the whole model (jlcm: mixed "
-                                                       "precision; rtn/kmeans: whole bits per layer)")] = 3.0,
+    bits: Annotated[float, typer.Option("--bits", help="average stored bits per quantized weight, codebooks and "
+                                                       "maps included (jlcm: mixed precision, refused when it "
+                                                       "cannot be met; rtn/kmeans: whole bits per layer)")] = 3.0,
     method: Annotated[str, typer.Option("--method", help="quantization method: jlcm, rtn, kmeans, nf4")] = "jlcm",
     calib: Annotated[str, typer.Option("--calib", help="calibration images: a data source (its calib split, or "
                                                        "SOURCE:SPLIT) or a folder of images; labels not needed")] = "digits",
@@ -442,7 +513,10 @@ def shrink(
                             quiet=_is_quiet())
     print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
           f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
-          f"{result['bits_per_weight']:.2f} bits/weight, {result['params_after']:,} params, {result['seconds']:.0f} s")
+          f"{result['bits_per_weight']:.2f} bits/weight"
+          + (f" ({result['quantized_bits_per_weight']:.2f} per quantized weight)"
+             if result.get("quantized_bits_per_weight") is not None else "")
+          + f", {result['params_after']:,} params, {result['seconds']:.0f} s")
 
 
 @app.command(epilog="Examples:\n\n"

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,19 +12,20 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.evaluate.size import count_params, storage_bytes
+from compress.format.layers import attach_quantized
+from compress.format.restorers import PLAN_FORMAT
+from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits
 from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
 from compress.quant.replay import Replay
-from compress.quant.sites import Site, call_name, call_order, find_sites
-from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits
-from compress.format.layers import attach_quantized
-from compress.format.restorers import PLAN_FORMAT
+from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
 from compress.quant.plan import allocate_bits, measure_sensitivity
 from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss
 
 __all__ = ["quantize", "plan_bits", "plan_budget_bits", "PLAN_FORMAT"]
 
+FLOAT_BITS = 32  # the allocation's "keep this layer in float" choice (mixed, float_choice)
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -33,22 +34,50 @@ def _dense_weight_bytes(sites: list[Site]) -> int:
 
 
 def plan_budget_bits(model: nn.Module, sites: list[Site], config: QuantConfig) -> float:
-    """Stored bits the quantized weights may take so that the whole model meets the target (mixed)."""
-    dense = _dense_weight_bytes(sites)
+    """Stored bits the quantizable weights may take (mixed): `bits` times their count (a bit target is met by
+    what is quantized: the other parameters do not count), or what `size_bytes` leaves for them once every
+    other parameter and buffer of the model is counted."""
     if config.size_bytes is not None:
+        dense = _dense_weight_bytes(sites)
         return 8.0 * (config.size_bytes - (storage_bytes(model, buffers=True) - dense))
-    return config.bits * count_params(model) - 8.0 * (storage_bytes(model, buffers=False) - dense)
+    return config.bits * sum(s.weight.numel() for s in sites)
+
+
+def float_params(model: nn.Module, float_layers: dict[str, str]) -> dict[str, Any]:
+    """Parameters left in float and why: {"count", "share", "reasons": {reason: count}}; float_layers maps the
+    quantizable weights not quantized (module name) to their reason."""
+    from compress.format.layers import QuantizedWeight
+
+    reasons: dict[str, int] = {}
+    total = count_params(model)
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False)) if not isinstance(module, QuantizedWeight) \
+            else module.dense_param_count() - math.prod(module.quant_layout["shape"])
+        if not own:
+            continue
+        if name in float_layers:
+            reasons[float_layers[name]] = reasons.get(float_layers[name], 0) + own
+            continue
+        kind = type(module).__name__
+        why = ("normalisation parameters (per channel, kept float)" if "Norm" in kind else
+               "biases of quantized layers (kept float)" if isinstance(module, QuantizedWeight) else
+               f"not a quantizable weight ({kind})")
+        reasons[why] = reasons.get(why, 0) + own
+    count = sum(reasons.values())
+    return {"count": count, "share": round(count / max(total, 1), 6), "reasons": reasons}
 
 
 def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | QuantConfig = "jlcm",
              bits: float | None = None, progress: Progress | None = None, **options: Any) -> nn.Module:
-    """Quantize the Linear, Conv1d/2d and attention in-projection weights of `model` in place; returns it.
+    """Quantize the weights of `model` in place (Linear, Conv1d/2d/3d, ConvTranspose, Embedding, attention
+    in- and out-projections); returns it.
 
     calib_batches: inputs, each passed as `model(batch)` (kept in memory; moved to the model's device).
     method: a registered method (jlcm, kmeans, rtn, nf4, or one added with `register_method`), or the config
     object of one (e.g. `JLCMConfig(bits=3)`; `bits` and options then override its fields).
-    bits: uniform allocation: the index bits of every layer; mixed: the target average bits per weight of
-    the whole model, everything stored counted (None: the method's default). options: the method's config
+    bits: uniform allocation: the index bits of every layer; mixed: the target average stored bits per quantized
+    weight (codebooks, scales and maps counted; parameters never quantized, such as BatchNorm, are not), met or
+    refused with UserError (None: the method's default). options: the method's config
     fields (unknown ones are refused with the valid list). progress(event) is called after each layer.
     The plan (per layer: bits, groups, weights, stored bits per weight, errors, layout) is set as
     `model.quantization_plan` (a JSON-able dict; `model_meta["quantization"]` of a checkpoint).
@@ -69,6 +98,7 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     tensors = list(model.parameters()) + list(model.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     batches = [to_device(b, device) for b in batches_in]
+    folded = _fold(model, batches, config)
     sites = find_sites(model, config.ignore)
     if not sites:
         raise UserError(f"quantize: no Linear, Conv1d/Conv2d or attention weight left to quantize "
@@ -80,8 +110,19 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     finally:
         model.train(was_training)
     plan["summary"]["seconds"] = round(time.perf_counter() - start, 3)
+    plan["summary"]["folded_batchnorms"] = len(folded)
     model.quantization_plan = plan
     return model
+
+
+def _fold(model: nn.Module, batches: list[Any], config: QuantConfig) -> list[tuple[str, str]]:
+    """fold_bn: BatchNorms folded into their convs (compress.quant.fold) before anything is measured."""
+    if not getattr(config, "fold_bn", False) or not batches:
+        return []
+    from compress.quant.fold import fold_batchnorm
+
+    with torch.no_grad(), no_fastpath():
+        return fold_batchnorm(model, batches[0])
 
 
 def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlcm", bits: float | None = None,
@@ -110,24 +151,36 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
         return {s.name: int(config.bits) for s in ordered}, {}, True
     if not batches:
         raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
-    choices = tuple(sorted(set(config.bit_choices)))
+    choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
     sens_batches = _first_samples(batches, config.sensitivity_samples)
     sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
-    layer_bits, feasible = allocate_bits(sensitivity, plan_budget_bits(model, ordered, config))
+    budget = plan_budget_bits(model, ordered, config)
+    layer_bits, feasible = allocate_bits(sensitivity, budget)
     if not feasible:
-        target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
-        warnings.warn(f"quantize: the target {target} is below what the fewest bits ({min(choices)}) take; "
-                      "every layer gets the fewest bits", stacklevel=4)
+        floor = sum(min(v["bits"] for v in opts.values()) for opts in sensitivity.values())
+        n = sum(s.weight.numel() for s in ordered)
+        if config.size_bytes is None:
+            target = f"{config.bits:g} bits per quantized weight"
+            need = f"at least {floor / n:.3f} (the fewest bits, {min(choices)}, with codebooks and maps)"
+        else:
+            target = f"size_bytes {config.size_bytes:,}"
+            need = f"at least {config.size_bytes + (floor - budget) / 8:,.0f} bytes"
+        raise UserError(f"quantize: the target {target} cannot be met: it needs {need}; ask for more, or add "
+                        "narrower bit_choices / ignore layers")
     return layer_bits, sensitivity, feasible
 
 
 def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
               progress: Progress | None) -> dict[str, Any]:
     ordered, counts = call_order(model, sites, batches[0]) if batches else (sites, {})
+    for site in ordered:  # no input statistics for these: quantized from their weights alone
+        if site.kind in DATA_FREE_KINDS:
+            counts[site.name] = 0
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
     layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, spec, config, progress)
     with_stats = config.needs_stats() and bool(batches)
-    float_model = copy.deepcopy(model) if with_stats and config.sequential else model
+    keep_float = (with_stats and config.sequential) or (config.bias_correction > 0 and bool(batches))
+    float_model = copy.deepcopy(model) if keep_float else model
     stats_all = {}
     float_inputs, replay = None, None
     if with_stats and config.sequential:
@@ -138,6 +191,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         stats_all = collect_stats(model, None, [s for s in ordered if counts.get(s.name)], batches, counts,
                                   config.max_samples, config.seed)
     layers = []
+    kept_float: list[dict[str, Any]] = []
+    float_layers = {name: f"ignored (option ignore: {config.ignore})" for name in _ignored(model, config)}
     quantized_any = False
     for i, site in enumerate(ordered):
         t0 = time.perf_counter()
@@ -152,6 +207,13 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             stats = stats_all.pop(site.name, None)
         weight = site.weight.detach()
         bits = layer_bits[site.name]
+        if bits >= FLOAT_BITS:  # the allocation keeps it float: the best use of the budget for this layer
+            float_layers[site.name] = "kept float by the mixed allocation (sensitive and small)"
+            kept_float.append({"name": site.name, "weights": weight.numel(), "bits_per_weight": FLOAT_BITS})
+            if progress is not None:
+                progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
+                          "bits_per_weight": FLOAT_BITS, "error": 0.0, "seconds": 0.0})
+            continue
         layout, buffers = spec.fn(weight, stats, bits, config)
         error = None
         if stats is not None:
@@ -171,16 +233,34 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                       "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})
+    corrected = 0
+    if config.bias_correction > 0 and batches and float_model is not model:
+        from compress.quant.bias import correct_bias
+
+        done = {e["name"] for e in layers}
+        corrected = correct_bias(float_model, model, [s for s in ordered if s.name in done],
+                                 _first_samples(batches, 64), config.bias_correction)
     del float_model, float_inputs, replay
-    n = sum(e["weights"] for e in layers)
-    stored = sum(storage_bits(e["layout"]) for e in layers)
-    summary = {"layers": len(layers), "weights": n,
-               "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n, 4),
-               "bits_per_weight": round(stored / n, 4),
+    n_quant = max(sum(e["weights"] for e in layers), 1)
+    n = n_quant + sum(e["weights"] for e in kept_float)
+    stored = sum(storage_bits(e["layout"]) for e in layers) + FLOAT_BITS * sum(e["weights"] for e in kept_float)
+    summary = {"layers": len(layers), "weights": n_quant,
+               "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n_quant, 4),
+               "bits_per_weight": round(stored / n, 4), "kept_float": kept_float,
+               "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model, buffers=False) / max(count_params(model), 1), 4),
-               "size_bytes": storage_bytes(model), "target": target, "feasible": feasible}
+               "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
+               "bias_corrected_layers": corrected}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
             "layers": layers, "summary": summary}
+
+
+def _ignored(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Quantizable weights that the `ignore` option keeps float (module names)."""
+    if not config.ignore:
+        return []
+    kept = {s.name for s in find_sites(model, config.ignore)}
+    return [s.name for s in find_sites(model) if s.name not in kept]
 
 
 def _first_samples(batches: list[Any], samples: int) -> list[Any]:

@@ -43,6 +43,16 @@ class JLCMConfig(QuantConfig):
 
     allocation: Literal["uniform", "mixed"] = Field("mixed", description="same bits for every layer, or per-layer "
                                                     "bits from a measured sensitivity to meet the target average")
+    # defaults chosen on a real ImageNet MobileNetV2 (docs/BENCHMARKS.md, "Real pretrained model"): folding BN
+    # and the float choice protect the depthwise convs that even 8 bits perturb; KL ranks layers by what
+    # changes a classifier's answers
+    fold_bn: bool = Field(True, description="fold each BatchNorm that follows a conv into the conv's weight before "
+                          "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
+    float_choice: bool = Field(True, description="mixed: a layer may also stay in float (32 bits a weight, counted in "
+                               "the budget) when that is the best use of the bits")
+    sensitivity_metric: Literal["mse", "kl"] = Field("kl", description="mixed: the output error a layer's sensitivity "
+                                                     "is measured by: relative squared error, or KL of the softmax "
+                                                     "for 2-D outputs (classifiers' logits)")
     groups: int = Field(8, ge=1, le=256, description="G: neuron groups per layer, one codebook each (clamped to the rows)")
     variant: Literal["per-group-codebook", "shared-codebook-scale"] = "per-group-codebook"
     statistic: Literal["std", "range"] = Field("std", description="row statistic the rows are sorted by: std or "

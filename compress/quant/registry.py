@@ -24,14 +24,21 @@ class QuantConfig(Config):
     """Options every method takes."""
 
     bits: float = Field(2.0, gt=0, le=8, description="uniform: the index bits of every layer (1-8); mixed: the "
-                        "target average bits per weight of the whole model, everything stored counted")
+                        "target average stored bits per quantized weight (indices, codebooks, scales and maps "
+                        "counted; parameters that are never quantized, e.g. BatchNorm, do not count)")
     size_bytes: int | None = Field(None, gt=0, description="mixed only: target size of the model in bytes "
                                    "(parameters and buffers, as the size report counts), instead of bits")
     allocation: Literal["uniform", "mixed"] = Field("uniform", description="same bits for every layer, or per-layer "
                                                     "bits from a measured sensitivity to meet the target")
     bit_choices: tuple[int, ...] = Field((1, 2, 3, 4, 8), description="mixed: the bits a layer may get")
+    float_choice: bool = Field(False, description="mixed: a layer may also stay in float (32 bits a weight, counted "
+                               "in the budget) when that is the best use of the bits, e.g. a small layer that even 8 "
+                               "bits perturb (8 bits are then measured, not assumed lossless)")
     ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
                               "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")
+    sensitivity_metric: Literal["mse", "kl"] = Field("mse", description="mixed: the output error a layer's "
+                                                     "sensitivity is measured by: relative squared error of the "
+                                                     "outputs, or KL of the softmax (classifiers' logits)")
     sensitivity_samples: int = Field(16, gt=0, description="mixed: calibration inputs used to measure sensitivity")
     max_samples: int = Field(8192, gt=0, description="input rows per layer (tokens, or conv positions drawn at "
                              "random) used for the layer's statistics")
@@ -44,6 +51,11 @@ class QuantConfig(Config):
     replay_mb: int = Field(512, ge=0, description="memory for recorded module outputs, per model copy, so that a "
                            "calibration pass only runs the model from where the last one stopped (0: off)")
     seed: int = Field(0, description="seed of the position sampling")
+    bias_correction: int = Field(0, ge=0, description="passes of bias correction after quantizing (0: none): each "
+                                 "quantized layer's mean output per channel is matched to the float model's on up to "
+                                 "64 calibration inputs, through its bias or the next BatchNorm's running mean")
+    fold_bn: bool = Field(False, description="fold each BatchNorm that follows a conv into the conv's weight before "
+                          "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
 
     @model_validator(mode="after")
     def _check_allocation(self) -> QuantConfig:

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from compress.format.layers import QuantizedWeight
 
-__all__ = ["Site", "find_sites", "matches", "call_order", "call_name", "no_fastpath", "Stop"]
+__all__ = ["Site", "find_sites", "matches", "call_order", "call_name", "no_fastpath", "Stop", "DATA_FREE_KINDS",
+           "DATA_FREE_TYPES"]
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Site:
     name: str
     module: nn.Module
     attr: str
-    kind: str  # "linear", "conv", "mha" (attention in-projection) or "mha_out" (its out_proj)
+    kind: str  # "linear", "conv", "mha" (attention in-projection), "mha_out" (its out_proj), or a data-free kind
+    #            (DATA_FREE_KINDS: embedding, conv_transpose, conv3d: quantized without input statistics)
     parent: str | None = None  # mha_out: the attention module, whose forward reads out_proj.weight directly
 
     @property
@@ -70,7 +72,21 @@ def find_sites(model: nn.Module, ignore: Sequence[str] = ()) -> list[Site]:
             sites.append(Site(name, module, "weight", "linear"))
         elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.weight, nn.Parameter):
             sites.append(Site(name, module, "weight", "conv"))
+        elif isinstance(module, DATA_FREE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            sites.append(Site(name, module, "weight", _data_free_kind(module)))
     return sites
+
+
+# Weight-bearing layers quantized without input statistics (their weights are rows of a matrix all the same):
+# embedding tables (a row per token), transposed convs and 3-D convs (no patch sampling for them yet)
+DATA_FREE_TYPES = (nn.Embedding, nn.EmbeddingBag, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
+DATA_FREE_KINDS = ("embedding", "conv_transpose", "conv3d")
+
+
+def _data_free_kind(module: nn.Module) -> str:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    return "conv3d" if isinstance(module, nn.Conv3d) else "conv_transpose"
 
 
 

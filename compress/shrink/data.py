@@ -75,8 +75,12 @@ def with_read_size(ref: dict[str, Any], pre: Preprocessing) -> dict[str, Any]:
 def load_calib(ref: dict[str, Any], pre: Preprocessing, task: str, samples: int) -> Prepared:
     """The prepared calibration dataset of a DataRef dict."""
     from calib import get_dataset
+    from calib.registry import source_options
 
-    base = get_dataset(ref["source"], ref["split"], root=ref.get("root"), **ref.get("options", {}))
+    options = dict(ref.get("options", {}))
+    if "samples" in source_options(ref["source"]) and "samples" not in options:
+        options["samples"] = samples  # a source that makes as many images as asked (photos)
+    base = get_dataset(ref["source"], ref["split"], root=ref.get("root"), **options)
     if len(base) == 0:
         raise UserError(f"--calib: {ref.get('root') or ref['source']} holds no images")
     return Prepared(base, pre, task, samples)

@@ -199,7 +199,7 @@ def shrink(checkpoint: str | Path | None | ShrinkConfig, model: str | None = Non
 
     prune: share of parameters to remove (0: no pruning). recover: after pruning, re-estimate BatchNorm
     statistics on the calibration images and take `recover_steps` output-distillation steps from the unpruned
-    model (no labels). bits / method: the quantization target (jlcm: average bits of the whole model) and
+    model (no labels). bits / method: the quantization target (jlcm: average stored bits per quantized weight) and
     method (jlcm, rtn, kmeans, nf4); quant_options: more options of the method. calib: a data source name
     (its calib split, or SOURCE:SPLIT) or a folder of images; the first `calib_samples` images are used.
     image_size / mean / std override the model's preprocessing. verify: reload the artifact and compare.

@@ -103,11 +103,18 @@ def test_mixed_precision_meets_the_average_and_size_targets() -> None:
     base = TinyMobile().eval()
     model = cq.quantize(copy.deepcopy(base), _images(), method="jlcm", bits=4.0, calib_steps=10, groups=2)
     plan = model.quantization_plan
-    assert plan["summary"]["model_bits_per_weight"] <= 4.0 + 1e-6, "everything counted, the model meets the target"
+    assert plan["summary"]["bits_per_weight"] <= 4.0 + 1e-6, "what is quantized meets the target, all stored bits counted"
+    assert plan["summary"]["bits_per_weight"] >= 3.0, "the budget is used"
     assert {e["bits"] for e in plan["layers"]} <= {1, 2, 3, 4, 8}
     assert all(e["sensitivity"] is not None for e in plan["layers"])
     measured = 8 * storage_bytes(model, buffers=False) / count_params(model)
     assert measured == pytest.approx(plan["summary"]["model_bits_per_weight"], abs=1e-3)
+    from compress.format.weights import storage_bits
+
+    stored = sum(storage_bits(m.quant_layout) for m in cq.quantized_modules(model).values())
+    assert stored / plan["summary"]["weights"] == pytest.approx(plan["summary"]["bits_per_weight"], abs=1e-3)
+    floats = plan["summary"]["float_params"]
+    assert floats["count"] == count_params(model) - plan["summary"]["weights"] and floats["reasons"]
     target = storage_bytes(base) // 5
     sized = cq.quantize(copy.deepcopy(base), _images(), method="rtn", allocation="mixed", size_bytes=target)
     assert storage_bytes(sized) <= target
@@ -169,7 +176,7 @@ def test_plan_bits_is_a_dry_run_of_the_allocation() -> None:
     assert not cq.quantized_modules(model), "plan_bits changes nothing"
     quantized = cq.quantize(copy.deepcopy(model), _images(), method="kmeans", allocation="mixed", bits=3.0)
     assert {e["name"]: e["bits"] for e in quantized.quantization_plan["layers"]} == plan["bits"]
-    with pytest.warns(UserWarning, match="below what the fewest bits"):
+    with pytest.raises(UserError, match=r"target 0.5 bits per quantized weight cannot be met: it needs at least 1\.\d+"):
         cq.plan_bits(model, _images(), method="rtn", allocation="mixed", bits=0.5)
 
 

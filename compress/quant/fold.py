@@ -1,0 +1,120 @@
+"""Folding BatchNorm into the convolution before quantizing, without changing the model's structure.
+
+A conv followed by a BatchNorm in inference computes y = s * (W x + b - mu) + beta with s = gamma / sqrt(var +
+eps) per output channel. Quantizing W alone measures the error before the BN, so channels that the BN
+amplifies (a large s, typical of depthwise convs over nearly constant inputs) get no more care than the
+others. Folding gives the conv W' = s * W and leaves the BN as a plain per-channel bias (mean 0, variance
+1 - eps, weight 1, bias beta + s * (b - mu)): the model computes the same function with the same modules and
+parameter shapes (so artifacts, pruning manifests and loaders are unchanged), and the quantizer now sees
+the weights as they act on the output.
+
+Pairs come from a torch.fx trace (the conv's output has one user, the BN), or, for models fx cannot trace,
+from a conv followed by a BN in an nn.Sequential; a run on a batch confirms each (the BN reads the conv's
+output tensor; each is called once). A conv output also used elsewhere is never folded (it would change there).
+Only Conv1d/2d/3d (not transposed) followed by an affine BN with running statistics are folded.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
+    """Pairs from a torch.fx trace: a conv node whose one user is a BN module (None: not traceable)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001  (any model torch.fx cannot trace falls back to module order)
+        return None
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONVS) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules.get(user.target), _NORMS):
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs of a conv directly followed by a BN inside an nn.Sequential (the conv's output goes to the BN only)."""
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (a, conv), (b, bn) in zip(children, children[1:]):
+                if isinstance(conv, _CONVS) and isinstance(bn, _NORMS):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+@torch.no_grad()
+def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
+    """(conv name, BN name) of every BN that reads a conv's output which nothing else reads: from a torch.fx
+    trace of the model, else (not traceable) from convs followed by a BN in an nn.Sequential; each pair is
+    also checked on `batch` (the BN's input is the conv's output tensor, each called once)."""
+    candidates = _fx_pairs(model)
+    if candidates is None:
+        candidates = _sequential_pairs(model)
+    produced: dict[str, list[int]] = {}
+    read: dict[str, list[int]] = {}
+    keep: list[torch.Tensor] = []  # tensors stay alive during the pass, so their ids are not reused
+    handles = []
+    modules = dict(model.named_modules())
+    for conv, bn in candidates:
+        def post(_m: nn.Module, _a: tuple, out: Any, name: str = conv) -> None:
+            produced.setdefault(name, []).append(id(out))
+            keep.append(out)
+
+        def pre(_m: nn.Module, args: tuple, name: str = bn) -> None:
+            read.setdefault(name, []).append(id(args[0]) if args else -1)
+            keep.extend(a for a in args if torch.is_tensor(a))
+
+        handles += [modules[conv].register_forward_hook(post), modules[bn].register_forward_pre_hook(pre)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    pairs = []
+    for conv, bn in candidates:
+        c, b = modules[conv], modules[bn]
+        if len(produced.get(conv, [])) != 1 or produced[conv] != read.get(bn):
+            continue
+        if b.num_features == c.out_channels and b.affine and b.running_var is not None:
+            pairs.append((conv, bn))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
+    """Fold every conv -> BN pair of `model` (found on `batch`) in place; returns the pairs folded."""
+    pairs = find_conv_bn_pairs(model, batch)
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        gamma, beta = bn.weight.double(), bn.bias.double()
+        scale = gamma / torch.sqrt(var + bn.eps)
+        bias = beta - scale * mean
+        if conv.bias is not None:
+            bias = bias + scale * conv.bias.double()
+            conv.bias.zero_()
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(bias.to(bn.bias.dtype))
+    return pairs

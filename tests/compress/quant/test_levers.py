@@ -1,0 +1,138 @@
+"""Quality levers of issue 11: BatchNorm folding before quantizing, bias correction, the float choice."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import torch
+from torch import nn
+
+import compress.quant as cq
+from compress.quant.fold import find_conv_bn_pairs, fold_batchnorm
+
+
+class Net(nn.Module):
+    """conv->BN pairs (plain, depthwise, with a conv bias), and a conv whose output also feeds a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.shared = nn.Conv2d(8, 8, 1, bias=False)
+        self.shared_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(self.stem(x))
+        y = self.shared(x)
+        x = self.shared_bn(y) + y  # y is read twice: this BN must not be folded
+        return self.head(x.mean((2, 3)))
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(8, generator=g) * 3 + 0.1
+            m.bias.data = torch.randn(8, generator=g)
+            m.running_mean.data = torch.randn(8, generator=g)
+            m.running_var.data = torch.rand(8, generator=g) * 0.1 + 1e-3
+    return net.eval()
+
+
+def test_folding_keeps_the_function_and_the_structure() -> None:
+    net = _net()
+    x = torch.rand(4, 3, 12, 12)
+    assert find_conv_bn_pairs(net, x) == [("stem.0", "stem.1"), ("dw.0", "dw.1")]
+    folded = copy.deepcopy(net)
+    fold_batchnorm(folded, x)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-4, rtol=1e-4)
+    assert [k for k in folded.state_dict()] == [k for k in net.state_dict()], "same modules and parameters"
+    assert torch.all(folded.dw[1].weight == 1) and torch.all(folded.dw[1].running_mean == 0)
+    assert torch.equal(folded.shared_bn.running_var, net.shared_bn.running_var), "a shared output is not folded"
+    assert torch.all(folded.stem[0].bias == 0), "the conv bias moved into the BN"
+
+
+def test_fold_bn_option_quantizes_the_folded_weights() -> None:
+    net = _net()
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    q = cq.quantize(copy.deepcopy(net), x, method="rtn", bits=8, fold_bn=True)
+    assert q.quantization_plan["summary"]["folded_batchnorms"] == 2
+    with torch.no_grad():
+        assert torch.allclose(q(x[0]), net(x[0]), atol=0.05, rtol=0.05)
+
+
+def test_bias_correction_removes_the_mean_shift() -> None:
+    net = _net()
+    x = [torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def shift(model: nn.Module) -> float:
+        out = {}
+        h = model.dw[0].register_forward_hook(lambda m, a, o: out.__setitem__("y", o))
+        with torch.no_grad():
+            model(torch.cat(x))  # the inputs the correction saw
+        h.remove()
+        return out["y"]
+
+    with torch.no_grad():
+        ref = shift(net).mean((0, 2, 3))
+    plain = cq.quantize(copy.deepcopy(net), x, method="rtn", bits=2)
+    fixed = cq.quantize(copy.deepcopy(net), x, method="rtn", bits=2, bias_correction=2)
+    assert fixed.quantization_plan["summary"]["bias_corrected_layers"] == 3  # stem (bias), dw (next BN), head (bias)
+    # dw has no bias: its BN's running mean took the shift, so the BN's output mean matches the float one
+    out_plain, out_fixed, out_ref = (m.dw[1](shift(m)).mean((0, 2, 3)) for m in (plain, fixed, net))
+    with torch.no_grad():
+        assert float((out_fixed - out_ref).abs().max()) < 1e-3 * float(out_ref.abs().max()) + 1e-4
+        assert float((out_plain - out_ref).abs().max()) > 0.1
+    assert ref.shape == (8,)
+
+
+def test_float_choice_is_measured_and_allocated() -> None:
+    net = _net()
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    plan = cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=4, float_choice=True, bit_choices=(2, 8))
+    stem = plan["sensitivity"]["stem.0"]
+    assert set(stem) == {2, 8, 32} and stem[32]["error"] == 0.0 and stem[8]["error"] > 0, "8 bits measured, not assumed"
+    # a small layer that even 8 bits perturb goes float when that is the best use of the budget
+    from compress.quant.plan import allocate_bits
+
+    sens = {"small": {2: {"error": 1.0, "bits": 200.0}, 8: {"error": 0.5, "bits": 800.0}, 32: {"error": 0.0, "bits": 3200.0}},
+            "big": {2: {"error": 0.1, "bits": 20000.0}, 8: {"error": 0.0, "bits": 80000.0}, 32: {"error": 0.0, "bits": 320000.0}}}
+    bits, feasible = allocate_bits(sens, 24000.0)
+    assert feasible and bits == {"small": 32, "big": 2}
+
+
+def test_kept_float_layers_stay_plain_and_are_counted() -> None:
+    net = _net()
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    import compress.quant.api as api
+
+    original = api.allocate_bits
+    api.allocate_bits = lambda sens, budget: ({name: (32 if name == "dw.0" else 8) for name in sens}, True)
+    try:
+        q = cq.quantize(copy.deepcopy(net), x, method="rtn", allocation="mixed", bits=8, float_choice=True)
+    finally:
+        api.allocate_bits = original
+    summary = q.quantization_plan["summary"]
+    assert [e["name"] for e in summary["kept_float"]] == ["dw.0"] and type(q.dw[0]) is nn.Conv2d
+    assert summary["float_params"]["reasons"]["kept float by the mixed allocation (sensitive and small)"] == 72
+    assert "dw.0" not in {e["name"] for e in q.quantization_plan["layers"]}
+
+
+def test_kl_sensitivity_metric() -> None:
+    from compress.quant.plan import output_error
+
+    ref = [[torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]])]]
+    same = output_error(ref, ref, "kl")
+    flipped = output_error([[torch.tensor([[0.0, 4.0, 0.0], [0.0, 1.0, 0.0]])]], ref, "kl")
+    assert same == 0.0 and flipped > 1.0
+    p = torch.tensor([4.0, 0.0, 0.0]).softmax(0)
+    q = torch.tensor([0.0, 4.0, 0.0]).softmax(0)
+    assert flipped == pytest.approx(float((p * (p.log() - q.log())).sum()) / 2, rel=1e-5)
+    # outputs that are not logits [B, C] fall back to the relative squared error
+    maps = [[torch.ones(1, 2, 3, 3)]]
+    assert output_error([[torch.zeros(1, 2, 3, 3)]], maps, "kl") == pytest.approx(1.0)

@@ -17,7 +17,7 @@ def test_real_weights_recognise_the_cat_photo(one_thread: None) -> None:
 
     from calib.photos import load_photo
     from compress.models import build_model
-    from compress.shrink.preprocess import Preprocessing, IMAGENET_MEAN, IMAGENET_STD
+    from compress.shrink.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     path = Path(pkg.__file__).parent / "mobilenet_v2-b0353104.pth"
     model = build_model("torchvision:mobilenet_v2", num_classes=1000, checkpoint=str(path)).eval()

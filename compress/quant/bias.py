@@ -27,6 +27,18 @@ def _channel_dim(site: Site, out: torch.Tensor) -> int:
     return 1 if site.kind in ("conv", "conv3d", "conv_transpose") else out.dim() - 1
 
 
+def _run_hooked(model: nn.Module, batches: list[Any], handles: list[Any]) -> None:
+    """Run `batches` through `model` (fused attention paths off, so the hooks see every layer), then remove the
+    hooks `handles`, whatever happens."""
+    try:
+        with no_fastpath():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def _means(model: nn.Module, sites: list[Site], batches: list[Any]) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
@@ -41,13 +53,7 @@ def _means(model: nn.Module, sites: list[Site], batches: list[Any]) -> dict[str,
             sums[site.name] = sums.get(site.name, 0) + flat.sum(0).double()
             counts[site.name] = counts.get(site.name, 0) + flat.shape[0]
         handles.append(model.get_submodule(site.name).register_forward_hook(hook))
-    try:
-        with no_fastpath():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, handles)
     return {name: (s / counts[name]).float() for name, s in sums.items()}
 
 
@@ -122,10 +128,4 @@ def _sequential_pass(model: nn.Module, sites: list[Site], batches: list[torch.Te
             return None
 
         handles.append(model.get_submodule(site.name).register_forward_hook(hook))
-    try:
-        with no_fastpath():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batches, handles)

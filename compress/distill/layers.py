@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from compress.models.protocol import eval_forward_with_hooks
+
 
 @dataclass(frozen=True)
 class DistillLayer:
@@ -37,14 +39,7 @@ def trace_blocks(model: nn.Module, example_input: Any, depth: int = 2) -> list[t
                 if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[-2:]) > 1:
                     seen.append((name, max(1, round(side / out.shape[-1])), out.data_ptr()))
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    eval_forward_with_hooks(model, example_input, handles)
     by_name = {name: ptr for name, _, ptr in seen}
     blocks: list[tuple[str, int]] = []
     stands_for_child: set[str] = set()

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from compress.errors import PruneError
 
-__all__ = ["is_torchvision_detector", "is_detector", "raw_forward", "RawForward", "raw_outputs", "example_batch",
+__all__ = ["is_torchvision_detector", "is_detector", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
            "as_batch", "flat_tensors", "float_outputs", "to_device", "map_tensors", "tensors_in"]
 
 
@@ -76,6 +76,19 @@ def flat_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in flat_tensors(v)]
     return []
+
+
+def eval_forward_with_hooks(model: nn.Module, x: Any, handles: list[Any]) -> Any:
+    """One `model(x)` in eval mode, for the forward hooks `handles` to observe; the mode is restored and the hooks
+    removed whatever happens. Returns the output."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def is_detector(model: nn.Module) -> bool:

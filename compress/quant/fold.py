@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.models.protocol import eval_forward_with_hooks
+
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -79,14 +81,7 @@ def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
             keep.extend(a for a in args if torch.is_tensor(a))
 
         handles += [modules[conv].register_forward_hook(post), modules[bn].register_forward_pre_hook(pre)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(batch)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    eval_forward_with_hooks(model, batch, handles)
     pairs = []
     for conv, bn in candidates:
         c, b = modules[conv], modules[bn]

@@ -137,12 +137,14 @@ def _print_summary(report: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report['recipe']} ({out})")
-    for column in ("stage", "metrics", "params", "MACs", "size (MB)", "bits/w", "seconds"):
+    # bits/w: every stored tensor, buffers included, per parameter; file b/p: the artifact file's bytes per parameter
+    for column in ("stage", "metrics", "params", "MACs", "size (MB)", "bits/w", "file b/p", "seconds"):
         table.add_column(column)
     for s in report["stages"]:
         metrics = " ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
+        file_bits = f"{s['file_bits_per_param']:.2f}" if "file_bits_per_param" in s else "-"
         table.add_row(s["name"], metrics, f"{s['params']:,}", f"{s['macs']:,}", f"{s['size_bytes'] / 1e6:.3f}",
-                      f"{s['bits_per_weight']:.2f}", f"{s['seconds']:.1f}")
+                      f"{s['bits_per_weight']:.2f}", file_bits, f"{s['seconds']:.1f}")
     Console(width=max(140, Console().width)).print(table)
 
 
@@ -513,8 +515,8 @@ def shrink(
                             quiet=_is_quiet())
     print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
           f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
-          f"{result['bits_per_weight']:.2f} bits/weight"
-          + (f" ({result['quantized_bits_per_weight']:.2f} per quantized weight)"
+          f"{result['bits_per_weight']:.2f} bits/weight (every tensor), {result['file_bits_per_param']:.2f} file "
+          f"bits/param" + (f" ({result['quantized_bits_per_weight']:.2f} per quantized weight)"
              if result.get("quantized_bits_per_weight") is not None else "")
           + f", {result['params_after']:,} params, {result['seconds']:.0f} s")
 

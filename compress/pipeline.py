@@ -59,7 +59,7 @@ class RunContext:
     model_meta: dict[str, Any] = field(default_factory=dict)
     stage_metrics: dict[str, float] = field(default_factory=dict)
     finished: list[dict[str, Any]] = field(default_factory=list)  # report entries of the stages done so far
-    file_overhead_bytes: int = 0  # bytes a stage's output file holds beyond the tensors (artifact header)
+    file_bytes: int | None = None  # the size of the file a stage wrote (export: the artifact), when it wrote one
     teacher: nn.Module | None = None  # the unpruned model, when the caller keeps it in memory (compress shrink)
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -345,7 +345,7 @@ def run_stages(model: nn.Module, ctx: RunContext, planned: list[tuple[int, str]]
     (recipe seed, index), run and timed, then handed to `done(model, index, name, seconds)`, which records it
     (a checkpoint and a report entry for runs; figures in memory for shrink). Index -1 is the input entry."""
     for index, name in planned:
-        ctx.stage_index, ctx.stage_name, ctx.stage_metrics, ctx.file_overhead_bytes = index, name, {}, 0
+        ctx.stage_index, ctx.stage_name, ctx.stage_metrics, ctx.file_bytes = index, name, {}, None
         set_seed(ctx.stage_seed)
         start = time.perf_counter()
         if index >= 0:
@@ -361,7 +361,9 @@ def _finish_stage(model: nn.Module, ctx: RunContext, index: int, name: str, seco
     metrics = ctx.evaluate(model)
     metrics.update(ctx.stage_metrics)
     figures = measure(model, ctx.example_input(model))
-    figures["size_bytes"] += ctx.file_overhead_bytes
+    if ctx.file_bytes is not None:  # the stage's size is its file's, with the file's own bits per parameter
+        figures["size_bytes"] = ctx.file_bytes
+        figures["file_bits_per_param"] = round(8 * ctx.file_bytes / max(figures["params"], 1), 4)
     entry = {"name": name, "metrics": metrics, **figures,
              "seconds": round(seconds, 3), "checkpoint": str((stage_dir / "model.safetensors").relative_to(ctx.run_dir))}
     if ctx.is_main:

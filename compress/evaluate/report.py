@@ -246,6 +246,7 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]
              "params": s["params"], "params_ratio": s["params"] / base["params"],
              "macs_ratio": s["macs"] / max(base["macs"], 1), "size": format_bytes(s["size_bytes"]),
              "compression": base["size_bytes"] / s["size_bytes"], "bits_per_weight": s["bits_per_weight"],
+             **({"file_bits_per_param": s["file_bits_per_param"]} if "file_bits_per_param" in s else {}),
              "seconds": s["seconds"]} for i, s in enumerate(stages, 1)]
     return rows, list(dict.fromkeys(k for r in rows for k in r))
 
@@ -308,6 +309,7 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
               ("compression", lambda r, last: r["stages"][0]["size_bytes"] / last["size_bytes"]),
               ("params", lambda r, last: last["params"]), ("MACs", lambda r, last: last["macs"]),
               ("bits_per_weight", lambda r, last: last["bits_per_weight"]),
+              ("file_bits_per_param", lambda r, last: last.get("file_bits_per_param")),
               ("stages", lambda r, last: " > ".join(s["name"] for s in r["stages"])),
               ("seconds", lambda r, last: round(sum(s["seconds"] for s in r["stages"]), 1))]
     summary = []

@@ -65,7 +65,8 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
 
 
 def measure(model: nn.Module, example_input: Any) -> dict[str, float]:
-    """params, macs, size_bytes (parameters + buffers) and bits_per_weight (parameter bits / params)."""
+    """params, macs, size_bytes (parameters + buffers) and bits_per_weight: every stored tensor's bits (buffers such
+    as BN statistics included) over the parameter count."""
     params = count_params(model)
     return {"params": params, "macs": count_macs(model, example_input), "size_bytes": storage_bytes(model),
-            "bits_per_weight": round(8 * storage_bytes(model, buffers=False) / max(params, 1), 4)}
+            "bits_per_weight": round(8 * storage_bytes(model) / max(params, 1), 4)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from compress.errors import UserError
@@ -26,6 +27,8 @@ RESTORE_WEIGHT_FORM = 200  # changes of how weights are stored (quantized layers
 DEFAULT_RESTORER_PRIORITY = 150
 PRUNE_META_KEY = "prune"
 QUANT_META_KEY = "quantization"
+BN_FOLD_META_KEY = "bn_fold"
+RESTORE_BN_FOLD = 150  # BNs folded into convs at export: after the pruned shapes, before the quantized form
 PLAN_FORMAT = 1  # version of the quantization plan / model_meta["quantization"] layout
 
 
@@ -71,4 +74,23 @@ def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     for entry in plan["layers"]:
         attach_quantized(model.get_submodule(entry["name"]), entry["layout"], None, entry["attr"])
     model.quantization_plan = plan
+    return model
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@register_restorer(BN_FOLD_META_KEY, priority=RESTORE_BN_FOLD)
+def restore_bn_fold(model: nn.Module, fold: dict[str, Any]) -> nn.Module:
+    """Give each listed conv a bias (if it had none) and replace its BN with nn.Identity, as export did."""
+    for conv_name, bn_name in fold["pairs"]:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if type(conv) not in _CONVS or type(bn) not in _NORMS or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn_fold pair ({conv_name}, {bn_name}) is not a conv followed by its BatchNorm "
+                             f"({type(conv).__name__}, {type(bn).__name__})")
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
     return model

@@ -280,7 +280,25 @@ def check_model_meta(meta: Any, tensors: dict[str, torch.Tensor], where: str) ->
         check_quantization(meta["quantization"], tensors, where)
     if "prune" in meta:
         check_prune_manifest(meta["prune"], tensors, meta, where)
+    if "bn_fold" in meta:
+        check_bn_fold(meta["bn_fold"], where)
     return meta
+
+
+def check_bn_fold(fold: Any, where: str) -> None:
+    """`model_meta.bn_fold`: {"pairs": [[conv, bn], ...]} of distinct module names (types are checked on build)."""
+    field = "model_meta.bn_fold"
+    fold = _dict(fold, where, field)
+    if set(fold) != {"pairs"} or not isinstance(fold["pairs"], list) or len(fold["pairs"]) > MAX_DIM:
+        raise _fail(where, f"{field} must be {{'pairs': [[conv, bn], ...]}} (got keys {sorted(fold)[:5]})")
+    seen: set[str] = set()
+    for i, pair in enumerate(fold["pairs"]):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) and 0 < len(n) < 1000
+                                                                  for n in pair)):
+            raise _fail(where, f"{field}.pairs.{i}: must be two module names, got {_show(pair)}")
+        if pair[0] in seen or pair[1] in seen or pair[0] == pair[1]:
+            raise _fail(where, f"{field}.pairs.{i}: module named twice ({_show(pair)})")
+        seen.update(pair)
 
 
 # -- the rest of the manifest ------------------------------------------------------------------------------------

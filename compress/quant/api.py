@@ -248,7 +248,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n_quant, 4),
                "bits_per_weight": round(stored / n, 4), "kept_float": kept_float,
                "float_params": float_params(model, float_layers),
-               "model_bits_per_weight": round(8 * storage_bytes(model, buffers=False) / max(count_params(model), 1), 4),
+               "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),
                "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
                "bias_corrected_layers": corrected}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),

@@ -12,6 +12,9 @@ Pairs come from a torch.fx trace (the conv's output has one user, the BN), or, f
 from a conv followed by a BN in an nn.Sequential; a run on a batch confirms each (the BN reads the conv's
 output tensor; each is called once). A conv output also used elsewhere is never folded (it would change there).
 Only Conv1d/2d/3d (not transposed) followed by an affine BN with running statistics are folded.
+
+At export (`remove_batchnorms`) the BNs are then removed for inference: their bias moves into the conv and the
+BN becomes nn.Identity, recorded as `model_meta["bn_fold"]` so a reader rebuilds the same folded model.
 """
 from __future__ import annotations
 
@@ -22,16 +25,23 @@ from torch import nn
 
 from compress.models.protocol import eval_forward_with_hooks
 
-__all__ = ["find_conv_bn_pairs", "fold_batchnorm"]
+__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "remove_batchnorms"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer that also keeps quantized layers (stock classes with a compact weight) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return hasattr(type(m), "_quant_base") or super().is_leaf_module(m, qualname)
+
+
 def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     """Pairs from a torch.fx trace: a conv node whose one user is a BN module (None: not traceable)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001  (any model torch.fx cannot trace falls back to module order)
         return None
     modules = dict(model.named_modules())
@@ -113,3 +123,45 @@ def fold_batchnorm(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
         bn.weight.fill_(1.0)
         bn.bias.copy_(bias.to(bn.bias.dtype))
     return pairs
+
+
+def _is_plain_bias(bn: nn.Module) -> bool:
+    """A BN that `fold_batchnorm` left as a per-channel bias: mean 0, weight 1 and var + eps == 1 in its dtype."""
+    one = (bn.running_var + bn.eps).eq(1.0).all()
+    return bool(one and bn.running_mean.eq(0).all() and bn.weight.eq(1).all())
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def remove_batchnorms(model: nn.Module, batch: Any) -> list[list[str]]:
+    """Fold every conv -> BN pair of `model` (found on `batch`) into the conv for inference and replace the BN
+    with nn.Identity, in place; returns the [conv, BN] pairs removed (what `model_meta["bn_fold"]` records).
+
+    A float conv absorbs any BN (W' = s W, b' = s (b - mu) + beta, computed in float64). A quantized conv keeps
+    its stored weight, so only a BN that `fold_batchnorm` already reduced to a bias (s == 1, mu == 0) goes into
+    it; any other BN after a quantized conv stays (folding it would change the stored codes)."""
+    removed = []
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in find_conv_bn_pairs(model, batch):
+        conv, bn = modules[conv_name], modules[bn_name]
+        plain = _is_plain_bias(bn)
+        if hasattr(conv, "quant_layout") and not plain:
+            continue
+        beta = bn.bias.double()
+        if plain:
+            bias = beta + (conv.bias.double() if conv.bias is not None else 0.0)
+        else:
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            conv_bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(beta)
+            bias = beta + scale * (conv_bias - bn.running_mean.double())
+            shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+            conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
+        dtype = bn.bias.dtype
+        conv.bias = nn.Parameter(bias.to(dtype))
+        _set_submodule(model, bn_name, nn.Identity())
+        removed.append([conv_name, bn_name])
+    return removed

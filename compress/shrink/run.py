@@ -224,7 +224,7 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     from accelerate.utils import set_seed
 
     from compress.format.artifact import write_artifact
-    from compress.stages.export import artifact_manifest
+    from compress.stages.export import artifact_manifest, fold_for_inference
     from compress.evaluate import measure
     from compress.models import build_model
     from compress.tasks import get_task
@@ -304,6 +304,9 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
         net = run_stages(net, ctx, [(i, stage.name) for i, stage in enumerate(recipe.stages)], record)
         ctx.teacher = None
         ctx.stage_index, ctx.stage_name = len(recipe.stages), "export"
+        fold_start = time.perf_counter()
+        net = fold_for_inference(net, ctx)
+        fold_seconds = time.perf_counter() - fold_start
         manifest = artifact_manifest(ctx)
         manifest["metrics"] = {}  # nothing was evaluated (calibration images may be unlabelled)
         manifest["preprocessing"] = pre.to_dict()
@@ -324,11 +327,14 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
             os.replace(partial, out)
         finally:
             partial.unlink(missing_ok=True)
+        exported = measure(net, ctx.example_input(net))
+        exported.update(size_bytes=size, file_bits_per_param=round(8 * size / max(exported["params"], 1), 4))
+        rows.append(("export", exported, fold_seconds))
 
     after = rows[-1][1]
     plan = getattr(net, "quantization_plan", {}).get("summary", {})
     result = {"out": str(out), "file_bytes": size, "before_bytes": before["size_bytes"],
-              "after_bytes": after["size_bytes"], "params_before": before["params"], "params_after": after["params"],
+              "after_bytes": after["size_bytes"], "file_bits_per_param": after["file_bits_per_param"], "params_before": before["params"], "params_after": after["params"],
               "macs_before": before["macs"], "macs_after": after["macs"], "bits_per_weight": after["bits_per_weight"],
               "quantized_bits_per_weight": plan.get("bits_per_weight"), "target_bits": config.bits,
               "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
@@ -379,9 +385,11 @@ def _verify(out: Path, model: nn.Module, data: Dataset, task: str, batch_size: i
 
 
 def _table(rows: list[tuple[str, dict[str, Any], float]]) -> str:
-    head = f"{'stage':<10} {'params':>12} {'MACs':>15} {'size':>11} {'bits/w':>7} {'seconds':>8}"
+    # bits/w: every stored tensor (buffers included) per parameter; file bits/p: the artifact's bytes per parameter
+    head = f"{'stage':<10} {'params':>12} {'MACs':>15} {'size':>11} {'bits/w':>7} {'file b/p':>8} {'seconds':>8}"
     lines = [head]
     for name, f, s in rows:
+        file_bits = f"{f['file_bits_per_param']:.2f}" if "file_bits_per_param" in f else "-"
         lines.append(f"{name:<10} {f['params']:>12,} {f['macs']:>15,} {_mb(f['size_bytes']):>11} "
-                     f"{f['bits_per_weight']:>7.2f} {s:>8.1f}")
+                     f"{f['bits_per_weight']:>7.2f} {file_bits:>8} {s:>8.1f}")
     return "\n".join(lines)

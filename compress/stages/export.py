@@ -18,6 +18,25 @@ if TYPE_CHECKING:
 
 class ExportConfig(Config):
     path: str = Field("model.safetensors", description="artifact path, relative to the run directory")
+    fold_bn: bool = Field(True, description="fold BatchNorms into the convs before them for inference (exact for "
+                                            "float convs, and for quantized convs whose BN the quantize stage "
+                                            "already folded); the artifact reloads as the folded model")
+
+
+def fold_for_inference(model: nn.Module, ctx: RunContext) -> nn.Module:
+    """Remove the BatchNorms that fold exactly into their convs (compress.quant.fold.remove_batchnorms) and record
+    them in `ctx.model_meta["bn_fold"]`, so the artifact rebuilds the folded model."""
+    from compress.format.restorers import BN_FOLD_META_KEY
+    from compress.quant.sites import no_fastpath
+    from compress.quant.fold import remove_batchnorms
+
+    with no_fastpath():
+        pairs = remove_batchnorms(model, ctx.example_input(model))
+    if pairs:
+        done = ctx.model_meta.get(BN_FOLD_META_KEY, {"pairs": []})["pairs"]
+        ctx.model_meta[BN_FOLD_META_KEY] = {"pairs": done + pairs}
+        ctx.log(f"export: {len(pairs)} BatchNorms folded into their convs")
+    return model
 
 
 def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
@@ -33,15 +52,14 @@ def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
 
 
 def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
-    from compress.evaluate import storage_bytes
-
+    if config.fold_bn:
+        model = fold_for_inference(model, ctx)
     path = ctx.run_dir / config.path
     if ctx.is_main:
         size = write_artifact(path, model, artifact_manifest(ctx))
         ctx.log(f"export: wrote {path} ({size:,} bytes)")
     ctx.accelerator.wait_for_everyone()
-    # the stage's size is the file: tensors (as measured) plus the header with its manifest
-    ctx.file_overhead_bytes = max(0, path.stat().st_size - storage_bytes(model))
+    ctx.file_bytes = path.stat().st_size  # the stage's size is the file's: header, manifest and tensors
     return model
 
 

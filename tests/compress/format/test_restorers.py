@@ -89,3 +89,28 @@ def test_pruned_then_quantized_model_restores_whatever_the_meta_order(tmp_path: 
     for restored in (loaded, load(tmp_path / "model.safetensors")):
         with torch.no_grad():
             assert torch.equal(restored.eval()(x), want)
+
+
+def test_bn_fold_restores_after_prune_and_before_quantization(tmp_path: Path) -> None:
+    """Pruned, then quantized, then its BNs folded at export: the artifact rebuilds the folded model exactly."""
+    from compress.format.header import ArtifactError
+    from compress.quant.fold import remove_batchnorms
+
+    model, meta = _pruned_quantized()
+    x = torch.rand(2, 3, 32, 32)
+    pairs = remove_batchnorms(model, x)  # float convs only here (the quantized one has a real BN after it)
+    assert ["stage3.conv1.0", "stage3.conv1.1"] in pairs and len(pairs) >= 3
+    meta = {"bn_fold": {"pairs": pairs}, **meta}
+    with torch.no_grad():
+        want = model(x)
+    path = tmp_path / "model.safetensors"
+    write_artifact(path, model, {"model": SPEC, "model_meta": meta, "metrics": {}})
+    restored = load(path)
+    assert not any(type(m) is nn.BatchNorm2d for n, m in restored.named_modules() if n in dict(pairs).values())
+    with torch.no_grad():
+        assert torch.equal(restored(x), want)
+    for bad, field in (({"pairs": [["stage3.conv1.0"]]}, "pairs.0"), ({"pairs": [["head", "head"]]}, "pairs.0"),
+                       ({"pairs": [], "x": 1}, "bn_fold"), ({"pairs": [["stage3.conv1.1", "stage3.conv1.0"]]}, "bn_fold pair")):
+        write_artifact(path, model, {"model": SPEC, "model_meta": {**meta, "bn_fold": bad}, "metrics": {}})
+        with pytest.raises(ArtifactError, match=field):
+            load(path)

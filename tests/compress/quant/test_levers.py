@@ -136,3 +136,31 @@ def test_kl_sensitivity_metric() -> None:
     # outputs that are not logits [B, C] fall back to the relative squared error
     maps = [[torch.ones(1, 2, 3, 3)]]
     assert output_error([[torch.zeros(1, 2, 3, 3)]], maps, "kl") == pytest.approx(1.0)
+
+
+def test_remove_batchnorms_folds_float_convs_for_inference() -> None:
+    from compress.quant.fold import remove_batchnorms
+
+    net, x = _net(), torch.rand(2, 3, 16, 16)
+    folded = copy.deepcopy(net)
+    pairs = remove_batchnorms(folded, x)
+    assert pairs == [["stem.0", "stem.1"], ["dw.0", "dw.1"]], "the BN of a twice-read output stays"
+    assert isinstance(folded.stem[1], nn.Identity) and isinstance(folded.shared_bn, nn.BatchNorm2d)
+    assert folded.dw[0].bias is not None, "a bias-free conv gets the BN's shift as its bias"
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_remove_batchnorms_takes_only_exact_folds_into_quantized_convs() -> None:
+    from compress.quant.fold import remove_batchnorms
+
+    net, x = _net(), torch.rand(2, 3, 16, 16)
+    pre = cq.quantize(copy.deepcopy(net), [x], method="rtn", bits=4, fold_bn=True)  # BNs reduced to a bias
+    late = cq.quantize(copy.deepcopy(net), [x], method="rtn", bits=4, fold_bn=False)
+    with torch.no_grad():
+        want_pre, want_late = pre(x), late(x)
+    assert len(remove_batchnorms(pre, x)) == 2
+    assert remove_batchnorms(late, x) == [], "folding a real BN scale would change the stored codes"
+    with torch.no_grad():
+        assert torch.allclose(pre(x), want_pre, atol=1e-5, rtol=1e-5)
+        assert torch.equal(late(x), want_late)

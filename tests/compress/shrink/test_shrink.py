@@ -83,8 +83,12 @@ def test_shrink_end_to_end_tiny_model(trained, tmp_path: Path) -> None:
     assert result["verify_max_diff"] <= 1e-4
     _, manifest = read_artifact(out)
     assert manifest["preprocessing"]["image_size"] == 32 and manifest["shrink"]["labels_used"] is False
-    assert [s["name"] for s in result["stages"]] == ["input", "prune", "recover", "quantize"]
+    assert [s["name"] for s in result["stages"]] == ["input", "prune", "recover", "quantize", "export"]
+    assert result["file_bits_per_param"] == pytest.approx(8 * out.stat().st_size / result["params_after"], abs=1e-3)
+    _, manifest = read_artifact(out)
+    assert manifest["model_meta"]["bn_fold"]["pairs"], "JLCM folded the BNs, so export removes them"
     loaded = compress.load(out)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
     y = loaded(torch.rand(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()
 
@@ -263,7 +267,7 @@ def test_config_object_and_keywords_give_the_same_artifact(trained, tmp_path: Pa
                                   recover_steps=2, **FAST)
     config = ShrinkConfig(model=SPEC, checkpoint=str(path), num_classes=10, prune=0.3, bits=3, recover_steps=2, **FAST)
     by_config = compress.shrink(config, out=tmp_path / "b.safetensors", quiet=True)
-    assert [s["name"] for s in by_config["stages"]] == ["input", "prune", "recover", "quantize"]
+    assert [s["name"] for s in by_config["stages"]] == ["input", "prune", "recover", "quantize", "export"]
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert by_keywords["file_bytes"] == by_config["file_bytes"]
     with pytest.raises(UserError, match="shrink.prune: .*--prune 2"):
@@ -280,5 +284,5 @@ def test_a_model_without_prunable_channels_is_quantized_only(tmp_path: Path, cap
                     calib_samples=4, batch_size=4)
     captured = capsys.readouterr()
     assert "no channel can be pruned" in captured.err and "quantizing only" in captured.err
-    assert [s["name"] for s in result["stages"]] == ["input", "quantize"]
+    assert [s["name"] for s in result["stages"]] == ["input", "quantize", "export"]
     assert (tmp_path / "o.safetensors").is_file()

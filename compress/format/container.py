@@ -45,7 +45,8 @@ MANIFEST = "manifest"
 INDEX_KEY = "index"
 INDEX_VERSION = 1
 CODEC = "rans"
-MAX_EXPANSION = 64  # packed bytes a coded stream may stand for, per stream byte (writer and reader agree)
+MAX_EXPANSION = 16  # packed bytes a coded stream may stand for, per stream byte (writer and reader agree; real
+# streams of 1-8 bit indices stay far below: b / entropy)
 MAX_TENSORS = 100_000
 MAX_DIM = 1 << 28
 DECODE_CHUNK = 1 << 20  # symbols decoded at a time (bounded temporary memory)
@@ -223,14 +224,16 @@ def check_index(path: Path, index: Any, data_len: int) -> list[tuple[str, str, l
             raise _fail(path, f"{at} must be [name, dtype, shape, length(, codec)] (got {str(entry)[:80]})")
         name, dtype, shape, length = entry[:4]
         if not isinstance(name, str) or not name or len(name) > 1000 or name in names:
-            raise _fail(path, f"{at}.name {str(name)[:60]!r} is empty, too long or repeated")
+            raise _fail(path, f"{at}.name must be a new, non-empty tensor name (got {json.dumps(name)[:60]})")
         names.add(name)
         at = f"{at} ({name})"
         if dtype not in DTYPES:
             raise _fail(path, f"{at}.dtype {str(dtype)[:20]!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
             raise _fail(path, f"{at}.shape {str(shape)[:60]} is not a list of at most 8 sizes")
-        if not _is_int(length) or length < 0 or covered + length > data_len:
+        if not _is_int(length) or length < 0:
+            raise _fail(path, f"{at}.length must be a non-negative integer (got {json.dumps(length)[:20]})")
+        if covered + length > data_len:
             raise _fail(path, f"{at}: length {str(length)[:20]} from byte {covered} runs past the {data_len} data "
                               "bytes; truncated or damaged")
         codec = None

@@ -81,6 +81,9 @@ def read_artifact_parts(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         tensors, manifest, index = unpack_container(path, header, raw, start)
         begin, end = header[MANIFEST]["data_offsets"]
         layout = {"version": 2, "header_bytes": start, "manifest_bytes": end - begin, "index": index}
+    if manifest.get("version") != layout["version"] or isinstance(manifest.get("version"), bool):
+        raise ArtifactError(f"{path}: manifest version {str(repr(manifest.get('version')))[:40]} does not match the "
+                            f"file's format version {layout['version']}; the file is damaged or forged")
     if len(tensors) != manifest.get("tensor_count") or tensors_sha256(tensors) != manifest.get("tensors_sha256"):
         raise ArtifactError(f"{path}: tensor data checksum mismatch; the file is damaged")
     return tensors, manifest, layout

@@ -3,16 +3,17 @@
 A safetensors header spends ~100 bytes of JSON per tensor (name, dtype, shape, offsets); a quantized detector
 has hundreds of small tensors, so the header was most of the file's overhead. Version 2 stores
 
-- `manifest` (U8 [m]): the manifest JSON, zlib-compressed, holding the tensor index (`INDEX_KEY`);
-- `data` (U8 [n]): every tensor's bytes, back to back in index order, raw little-endian or, for packed
+- `manifest` (U8 [m], first in the file): the manifest JSON, zlib-compressed, holding the tensor index
+  (`INDEX_KEY`);
+- `tensors` (U8 [n]): every tensor's bytes, back to back in index order, raw little-endian or, for packed
   codebook indices, entropy-coded (rANS, `constriction`) when that is smaller;
 
 and `__metadata__` only `format` (`compress-artifact/2`), `manifest_encoding` (`zlib`) and `manifest_sha256`.
 The file stays a plain safetensors file (any reader opens the two U8 tensors).
 
 Index (`manifest["index"]`): `{"version": 1, "tensors": [[name, dtype, shape, length(, codec)], ...]}`, in name
-order. Offsets are not stored: tensor i starts in `data` where tensor i-1 ends (the first at 0) and the lengths
-must add up to `data`'s size exactly, so a gap or an overlap cannot even be written down (and the index
+order. Offsets are not stored: tensor i starts in `tensors` where tensor i-1 ends (the first at 0) and the lengths
+must add up to the size of `tensors` exactly, so a gap or an overlap cannot even be written down (and the index
 compresses ~1.7 KB smaller on the demo detector than with explicit offsets). A raw entry's length is
 numel * itemsize. A coded entry (U8 [rows, packed_cols]) has codec
 `{"codec": "rans", "bits": b, "cols": c, "counts": [2^b ints]}`: rows * c symbols of b bits (the unpacked
@@ -40,7 +41,7 @@ from compress.format.packing import pack_indices, packed_cols, unpack_indices
 
 __all__ = ["DATA", "MANIFEST", "INDEX_KEY", "pack_container", "unpack_container", "coding_plan", "dtype_name"]
 
-DATA = "data"
+DATA = "tensors"  # sorts after "manifest": the manifest comes first in the file
 MANIFEST = "manifest"
 INDEX_KEY = "index"
 INDEX_VERSION = 1
@@ -211,7 +212,7 @@ def _check_codec(path: Path, at: str, codec: Any, dtype: str, shape: list[int], 
 
 
 def check_index(path: Path, index: Any, data_len: int) -> list[tuple[str, str, list[int], int, int, dict | None]]:
-    """Every index entry well formed: names unique, dtypes known, shapes bounded, spans contiguous over `data`."""
+    """Every index entry well formed: names unique, dtypes known, shapes bounded, spans contiguous over the `tensors` blob."""
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or not isinstance(index.get("tensors"), list):
         raise _fail(path, f"manifest.{INDEX_KEY} must be {{version: {INDEX_VERSION}, tensors: [...]}}; the file is damaged")
     raw_entries = index["tensors"]

@@ -107,4 +107,6 @@ def inflate_text(path: Path, packed: bytes, field: str, cap: int = MAX_MANIFEST_
             raise ArtifactError(f"{path}: {field} is truncated or has trailing bytes; the file is damaged")
         return text.decode("utf-8")
     except (ValueError, zlib.error, UnicodeError) as exc:
+        if isinstance(exc, ArtifactError):  # ours, from above (UserError is a ValueError)
+            raise
         raise ArtifactError(f"{path}: {field} cannot be decoded ({exc.__class__.__name__}); the file is damaged") from None

@@ -155,7 +155,7 @@ def _container_parts(path: Path) -> tuple[dict, dict, bytes, int]:
     header = json.loads(raw[8: 8 + header_len])
     start = 8 + header_len
     span = lambda name: raw[start + header[name]["data_offsets"][0]: start + header[name]["data_offsets"][1]]  # noqa: E731
-    return header, json.loads(zlib.decompress(span("manifest"))), span("data"), start
+    return header, json.loads(zlib.decompress(span("manifest"))), span("tensors"), start
 
 
 def _write_container(out: Path, stored_manifest: dict, data: bytes, metadata_change=None) -> None:
@@ -170,7 +170,7 @@ def _write_container(out: Path, stored_manifest: dict, data: bytes, metadata_cha
                 "manifest_sha256": hashlib.sha256(text).hexdigest()}
     if metadata_change:
         metadata_change(metadata)
-    atomic_save_safetensors(out, {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    atomic_save_safetensors(out, {"tensors": torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                   "manifest": torch.frombuffer(bytearray(zlib.compress(text, 9)), dtype=torch.uint8)},
                             metadata)
 
@@ -192,7 +192,7 @@ def test_fuzz_v2_manifest_index_and_coded_streams(coded_artifact, tmp_path: Path
     rng = random.Random(1)
     cases: dict[str, bytes | tuple] = {}
     m0, m1 = (start + o for o in header["manifest"]["data_offsets"])
-    d0 = start + header["data"]["data_offsets"][0]
+    d0 = start + header["tensors"]["data_offsets"][0]
     regions = {"manifest": (m0, m1)}
     offset = 0
     for entry in stored["index"]["tensors"]:
@@ -279,6 +279,19 @@ def test_fuzz_v2_manifest_index_and_coded_streams(coded_artifact, tmp_path: Path
                                 json.loads(raw[8: start])["__metadata__"])
     cases["extra tensor"] = (extra_tensor,)
     cases["manifest tensor as F16"] = _retype_manifest(raw, start)
+
+    def zlib_bomb(out: Path) -> None:  # 70 MB of spaces, ~70 KB compressed, with a matching checksum
+        import hashlib
+        import zlib
+
+        from compress.format.checkpoint import atomic_save_safetensors
+
+        text = b" " * 70_000_000
+        atomic_save_safetensors(out, {"tensors": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                      "manifest": torch.frombuffer(bytearray(zlib.compress(text, 9)), dtype=torch.uint8)},
+                                {"format": "compress-artifact/2", "manifest_encoding": "zlib",
+                                 "manifest_sha256": hashlib.sha256(text).hexdigest()})
+    cases["zlib bomb manifest"] = (zlib_bomb,)
 
     for case, content in cases.items():
         target = tmp_path / "damaged.safetensors"

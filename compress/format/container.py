@@ -78,8 +78,7 @@ def encode_stream(packed: torch.Tensor, bits: int, cols: int) -> tuple[bytes, li
     import constriction
     import numpy as np
 
-    rows = packed.shape[0]
-    if packed.dim() != 2 or packed.dtype != torch.uint8 or rows * cols == 0 \
+    if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[0] * cols == 0 \
             or packed.shape[1] != packed_cols(cols, bits):
         return None
     symbols = unpack_indices(packed, bits, cols)
@@ -131,15 +130,19 @@ def coding_plan(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
     plan describes (the candidates for entropy coding)."""
     from compress.format.weights import matrix_shape
 
-    plan = (manifest.get("model_meta") or {}).get("quantization") or {}
+    meta = manifest.get("model_meta")
+    plan = meta.get("quantization") if isinstance(meta, dict) else None
     out = {}
     for entry in plan.get("layers", []) if isinstance(plan, dict) else []:
-        layout = entry.get("layout") or {}
-        bits = 4 if layout.get("format") == "nf4" else layout.get("bits")
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
+        try:  # a plan the writer was handed; anything odd in it just stays raw (the reader checks the rest)
+            layout = entry["layout"]
+            bits = 4 if layout.get("format") == "nf4" else layout.get("bits")
+            if not isinstance(bits, int) or not 1 <= bits <= 8:
+                continue
+            rows, cols = matrix_shape(layout["shape"])
+            out[f"{entry['name']}.{entry['attr']}_packed"] = (bits, cols if layout.get("packing") == "rows" else rows * cols)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
             continue
-        rows, cols = matrix_shape(layout["shape"])
-        out[f"{entry['name']}.{entry['attr']}_packed"] = (bits, cols if layout.get("packing") == "rows" else rows * cols)
     return out
 
 

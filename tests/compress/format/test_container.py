@@ -198,3 +198,38 @@ def test_constriction_is_imported_only_for_coded_streams(tmp_path: Path) -> None
     done = subprocess.run([sys.executable, "-c", code, str(plain)], capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_loading_a_coded_artifact_stays_lean(tmp_path: Path) -> None:
+    """compress.load of a version-2 file with coded streams imports none of the training stack (constriction
+    and numpy only)."""
+    from tests.compress.test_architecture import HEAVY
+
+    from compress.format.layers import attach_quantized
+    from compress.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("compress:digits-cnn", num_classes=10).eval()
+    conv = model.get_submodule("stage2.conv1.0")
+    rows, cols = matrix_shape(conv.weight.shape)
+    layout, buffers = encode_codebook(conv.weight.shape, 2, skewed_indices(rows, cols, 2, 0), torch.arange(rows) % 2, 2,
+                                      torch.randn(2, 4) * 0.1)
+    attach_quantized(conv, layout, buffers)
+    path = tmp_path / "coded.safetensors"
+    write_artifact(path, model, {"model": SPEC, "model_meta": {"quantization": {"format": PLAN_FORMAT, "layers": [
+        {"name": "stage2.conv1.0", "attr": "weight", "layout": layout}]}}})
+    code = ("import json, sys, torch, compress\n"
+            f"model = compress.load({str(path)!r})\n"
+            "torch.manual_seed(0)\n"
+            "with torch.no_grad():\n"
+            "    y = model(torch.rand(2, 3, 32, 32))\n"
+            f"print(json.dumps({{'heavy': [n for n in {HEAVY!r} if n in sys.modules], "
+            "'constriction': 'constriction' in sys.modules, 'logits': y.tolist()}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [] and result["constriction"]
+    x = (torch.manual_seed(0), torch.rand(2, 3, 32, 32))[1]
+    with torch.no_grad():
+        assert torch.equal(torch.tensor(result["logits"]), model(x))

@@ -59,7 +59,7 @@ class RunContext:
     model_meta: dict[str, Any] = field(default_factory=dict)
     stage_metrics: dict[str, float] = field(default_factory=dict)
     finished: list[dict[str, Any]] = field(default_factory=list)  # report entries of the stages done so far
-    file_overhead_bytes: int = 0  # file bytes beyond the tensors as held (header, manifest; < 0 if coding saves more)
+    file_overhead_bytes: int = 0  # bytes a stage's output file holds beyond the tensors (artifact header)
     teacher: nn.Module | None = None  # the unpruned model, when the caller keeps it in memory (compress shrink)
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 

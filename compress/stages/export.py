@@ -40,9 +40,8 @@ def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module
         size = write_artifact(path, model, artifact_manifest(ctx))
         ctx.log(f"export: wrote {path} ({size:,} bytes)")
     ctx.accelerator.wait_for_everyone()
-    # the stage's size is the file: tensors (as measured) plus the header with its manifest; negative when
-    # entropy-coded index streams (format version 2) save more than the header and manifest take
-    ctx.file_overhead_bytes = path.stat().st_size - storage_bytes(model)
+    # the stage's size is the file: tensors (as measured) plus the header with its manifest
+    ctx.file_overhead_bytes = max(0, path.stat().st_size - storage_bytes(model))
     return model
 
 

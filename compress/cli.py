@@ -156,15 +156,23 @@ def inspect(
     groups: Annotated[bool, typer.Option("--groups", help="print the pruning groups (stride x module family)")] = False,
     model_file: Annotated[Optional[Path], typer.Option("--model-file", help="the Python file of a file: model "
                                                                              "(never taken from the checkpoint)")] = None,
+    manifest: Annotated[bool, typer.Option("--manifest", help="for an artifact: print its manifest (indented JSON) "
+                                                              "and where the file's bytes go")] = False,
 ) -> None:
-    """Print the layers, parameters and MACs of a model, or its pruning groups.
+    """Print the layers, parameters and MACs of a model, or its pruning groups, or an artifact's manifest.
 
     Example: compress inspect compress:yolo-n --image-size 128 --groups
 
     Example: compress inspect timm:resnet18 --num-classes 10 --image-size 224
+
+    Example: compress inspect runs/yolo/model.safetensors --manifest
     """
     from rich.console import Console
     from rich.table import Table
+
+    if manifest:
+        _print_manifest(model)
+        return
 
     from compress.evaluate import measure
     from compress.tasks import get_task
@@ -188,6 +196,35 @@ def inspect(
     figures = measure(net, task.example_input(net, image_size))
     console.print(f"params {figures['params']:,}  MACs {figures['macs']:,} at {image_size}x{image_size}  "
                   f"size {figures['size_bytes'] / 1e6:.3f} MB  bits/weight {figures['bits_per_weight']:.2f}")
+
+
+def _print_manifest(path: str) -> None:
+    """The manifest of an artifact as indented JSON, then its byte breakdown (compress.format.breakdown)."""
+    import json
+
+    from compress.errors import UserError
+    from compress.format.artifact import read_artifact_parts
+    from compress.format.breakdown import byte_breakdown, index_coding
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found (--manifest reads an artifact file)")
+    _, manifest, layout = read_artifact_parts(path)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    sizes = byte_breakdown(path)
+    labels = {"header": "safetensors header", "manifest": "manifest (as stored)",
+              "indices_raw": "indices, packed", "indices_coded": "indices, entropy-coded", "codebooks": "codebooks",
+              "scales": "scales/offsets/group ids/orders", "biases": "biases", "bn": "batch norm",
+              "other_float": "other float tensors", "other": "other tensors"}
+    total = sizes["file"]
+    index = layout.get("index") or {}
+    print(f"\nformat version {sizes['version']}, {len(index.get('tensors', [])) or manifest.get('tensor_count', 0)} "
+          f"tensors; bytes of {path}:")
+    for key, label in labels.items():
+        print(f"  {label:<34} {sizes[key]:>12,}  {100 * sizes[key] / max(total, 1):5.1f}%")
+    print(f"  {'file':<34} {total:>12,}")
+    for bits, row in index_coding(path).items():
+        print(f"  {bits}-bit indices: {row['tensors']} tensors ({row['coded']} entropy-coded), {row['raw']:,} bytes "
+              f"packed -> {row['stored']:,} stored")
 
 
 def _print_groups(net, example_input, title: str) -> None:

@@ -16,7 +16,8 @@ import torch
 from compress.errors import UserError
 
 FORMAT = "compress-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer produces: the compact container (compress/format/container.py)
+READ_VERSIONS = (1, 2)  # what the reader accepts: 1 = every tensor under its own name, manifest in the header
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap
 MAX_MANIFEST_BYTES = 64_000_000  # the manifest once inflated (a real one is kilobytes)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -89,12 +90,23 @@ def decode_manifest(path: Path, metadata: dict[str, str]) -> str:
     if encoding != "zlib+base64":
         raise ArtifactError(f"{path}: unknown manifest encoding {encoding!r}")
     try:
-        inflate = zlib.decompressobj()
-        text = inflate.decompress(base64.b64decode(raw.encode("ascii"), validate=True), MAX_MANIFEST_BYTES)
-        if inflate.unconsumed_tail:  # a zlib bomb: more than the cap once inflated
-            raise ArtifactError(f"{path}: the manifest inflates past {MAX_MANIFEST_BYTES:,} bytes; refused")
-        return text.decode("utf-8")
-    except (ValueError, zlib.error, UnicodeError, AttributeError) as exc:
-        if isinstance(exc, ArtifactError):
-            raise
+        packed = base64.b64decode(raw.encode("ascii"), validate=True)
+    except (ValueError, UnicodeError) as exc:
         raise ArtifactError(f"{path}: the manifest cannot be decoded ({exc.__class__.__name__}); the header is damaged") from None
+    return inflate_text(path, packed, "the manifest")
+
+
+def inflate_text(path: Path, packed: bytes, field: str, cap: int = MAX_MANIFEST_BYTES) -> str:
+    """zlib-compressed UTF-8 text, refused when it inflates past `cap` bytes (a zlib bomb) or is damaged."""
+    try:
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(packed, cap)
+        if inflate.unconsumed_tail:  # a zlib bomb: more than the cap once inflated
+            raise ArtifactError(f"{path}: {field} inflates past {cap:,} bytes; refused")
+        if not inflate.eof or inflate.unused_data:
+            raise ArtifactError(f"{path}: {field} is truncated or has trailing bytes; the file is damaged")
+        return text.decode("utf-8")
+    except (ValueError, zlib.error, UnicodeError) as exc:
+        if isinstance(exc, ArtifactError):  # ours, from above (UserError is a ValueError)
+            raise
+        raise ArtifactError(f"{path}: {field} cannot be decoded ({exc.__class__.__name__}); the file is damaged") from None

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.format.header import FORMAT, FORMAT_VERSION, ArtifactError, check_header, tensors_sha256
+from compress.format.header import FORMAT, READ_VERSIONS, ArtifactError, check_header, tensors_sha256
 
 SPEC_PREFIXES = ("compress", "timm", "torchvision")
 MAX_CLASSES = 100_000  # as the recipe schema
@@ -344,9 +344,9 @@ def check_manifest(manifest: Any, tensors: dict[str, torch.Tensor], where: str,
         raise _fail(where, f"the manifest must be a JSON object (got {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise _fail(where, f"manifest format {_show(manifest.get('format'))} is not '{FORMAT}'")
-    if not _is_int(manifest.get("version")) or manifest["version"] != FORMAT_VERSION:
+    if not _is_int(manifest.get("version")) or manifest["version"] not in READ_VERSIONS:
         raise _fail(where, f"manifest version {_show(manifest.get('version'))} is not supported (this compress reads "
-                           f"version {FORMAT_VERSION})")
+                           f"versions {', '.join(map(str, READ_VERSIONS))})")
     check_model_spec(manifest.get("model"), where, model_file)
     check_model_meta(manifest.get("model_meta"), tensors, where)
     if manifest.get("task") is not None and manifest["task"] not in TASKS:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-import json
 import math
 import os
 import re
-import struct
 import sys
 import tempfile
 import warnings
@@ -66,13 +64,10 @@ def _require_onnx() -> Any:
 
 
 def _manifest(path: Path) -> dict[str, Any]:
-    """The manifest from the header alone (compress.load has validated the whole file before)."""
-    from compress.format.artifact import decode_manifest
+    """The manifest of an artifact (any format version; compress.load has validated the whole file before)."""
+    from compress.format.artifact import read_artifact
 
-    with path.open("rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-    return json.loads(decode_manifest(path, header["__metadata__"]))
+    return read_artifact(path)[1]
 
 
 def _describe(layout: dict[str, Any]) -> str:

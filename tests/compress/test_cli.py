@@ -31,6 +31,25 @@ def test_inspect_prints_params_and_macs(capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", "compress:nope"]) == 2
 
 
+def test_inspect_manifest_prints_json_and_byte_breakdown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from compress.format.artifact import write_artifact
+    from compress.format.breakdown import byte_breakdown
+    from compress.models import build_model
+
+    path = tmp_path / "model.safetensors"
+    write_artifact(path, build_model("compress:digits-cnn", num_classes=10),
+                   {"model": {"build": "compress:digits-cnn", "num_classes": 10, "options": {}}, "metrics": {"top1": 0.5}})
+    assert main(["inspect", str(path), "--manifest"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads(out[: out.index("\nformat version")])
+    assert manifest["version"] == 2 and manifest["metrics"] == {"top1": 0.5} and "index" not in manifest
+    sizes = byte_breakdown(path)
+    assert f"{sizes['file']:,}" in out and "safetensors header" in out and "batch norm" in out
+    assert main(["inspect", str(tmp_path / "none.safetensors"), "--manifest"]) == 2
+
+
 def test_help_shows_examples() -> None:
     done = subprocess.run([sys.executable, "-m", "compress", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "Example:" in done.stdout

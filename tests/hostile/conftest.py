@@ -4,7 +4,6 @@ a finished one-stage run, and helpers to forge files with valid checksums and to
 changed nothing on disk."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shutil
@@ -72,18 +71,22 @@ def quantized_model() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def write_forged_artifact(path: Path, tensors: dict[str, torch.Tensor], manifest: Any, raw_manifest: str | None = None) -> Path:
-    """An artifact with valid checksums around whatever `manifest` (or `raw_manifest` text) says."""
+    """A (format version 2) artifact with valid checksums around whatever `manifest` (or `raw_manifest` text) says."""
     from compress.format.header import tensors_sha256
     from compress.format.checkpoint import atomic_save_safetensors
+    from compress.format.container import MANIFEST, pack_container
 
-    if raw_manifest is None:
-        if isinstance(manifest, dict):
-            manifest = {**manifest, "tensors_sha256": tensors_sha256(tensors), "tensor_count": len(tensors)}
-        raw_manifest = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
-    metadata = {"format": "compress-artifact/1", "manifest_encoding": "zlib+base64",
-                "manifest": base64.b64encode(zlib.compress(raw_manifest.encode(), 9)).decode("ascii"),
-                "manifest_sha256": hashlib.sha256(raw_manifest.encode()).hexdigest()}
-    atomic_save_safetensors(path, {k: v.contiguous() for k, v in tensors.items()}, metadata)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if raw_manifest is None and isinstance(manifest, dict):
+        manifest = {**manifest, "tensors_sha256": tensors_sha256(tensors), "tensor_count": len(tensors)}
+        stored, metadata = pack_container(tensors, manifest)  # adds the container's tensor index
+    else:  # text that is not a JSON object: no index can go in
+        if raw_manifest is None:
+            raw_manifest = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+        stored, _ = pack_container(tensors, {})
+        stored[MANIFEST] = torch.frombuffer(bytearray(zlib.compress(raw_manifest.encode(), 9)), dtype=torch.uint8)
+        metadata = {"manifest_encoding": "zlib", "manifest_sha256": hashlib.sha256(raw_manifest.encode()).hexdigest()}
+    atomic_save_safetensors(path, stored, {"format": "compress-artifact/2", **metadata})
     return path
 
 

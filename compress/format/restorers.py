@@ -64,6 +64,14 @@ def restore_pruned_shapes(model: nn.Module, manifest: Any) -> nn.Module:
     return apply_manifest(model, manifest)
 
 
+def artifact_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """The quantization plan as an artifact keeps it: per layer only what rebuilding needs (name, attr, layout,
+    bits); measurements (errors, sensitivities, timings) stay in the run's quantization_plan.json."""
+    keep = ("name", "attr", "layout", "bits")
+    return {**{k: v for k, v in plan.items() if k != "layers"},
+            "layers": [{k: entry[k] for k in keep if k in entry} for entry in plan.get("layers", [])]}
+
+
 @register_restorer(QUANT_META_KEY, priority=RESTORE_WEIGHT_FORM)
 def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     """Give the listed layers of a stock (or pruned) model the quantized form, with empty stored tensors of the

@@ -9,6 +9,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from compress.format.artifact import write_artifact
+from compress.format.restorers import QUANT_META_KEY, artifact_plan
 from compress.config import Config
 from compress.stages.spec import StageSpec
 
@@ -46,7 +47,10 @@ def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
         file_path = spec["build"][len("file:"):].rsplit(":", 1)[0]
         spec["file_sha256"] = hashlib.sha256(Path(file_path).read_bytes()).hexdigest()
     last = ctx.finished[-1] if ctx.finished else {}
-    return {"model": spec, "model_meta": ctx.model_meta, "task": ctx.recipe.task, "image_size": ctx.recipe.image_size,
+    meta = dict(ctx.model_meta)
+    if QUANT_META_KEY in meta:
+        meta[QUANT_META_KEY] = artifact_plan(meta[QUANT_META_KEY])
+    return {"model": spec, "model_meta": meta, "task": ctx.recipe.task, "image_size": ctx.recipe.image_size,
             "recipe": ctx.recipe.to_dict(), "metrics": last.get("metrics", {}),
             "eval_batch_size": ctx.recipe.train.eval_batch_size}
 

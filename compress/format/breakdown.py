@@ -47,7 +47,7 @@ def byte_breakdown(path: str | Path) -> dict[str, int]:
     names = set(tensors)
     stored = {name: (t.numel() * t.element_size(), False) for name, t in tensors.items()}
     for entry in (layout.get("index") or {}).get("tensors", []):
-        stored[entry[0]] = (entry[3], len(entry) == 5)
+        stored[entry[0]] = (entry[3], len(entry) == 5 and entry[4].get("codec") == "rans")
     for name, (size, coded) in stored.items():
         kind = "indices_coded" if coded else tensor_kind(name, names, tensors[name].is_floating_point())
         out[kind] += size
@@ -65,7 +65,7 @@ def index_coding(path: str | Path) -> dict[int, dict[str, int]]:
     tensors, manifest, layout = read_artifact_parts(path)
     stored: dict[str, tuple[int, bool]] = {name: (t.numel(), False) for name, t in tensors.items()}
     for entry in (layout.get("index") or {}).get("tensors", []):
-        stored[entry[0]] = (entry[3], len(entry) == 5)
+        stored[entry[0]] = (entry[3], len(entry) == 5 and entry[4].get("codec") == "rans")
     out: dict[int, dict[str, Any]] = {}
     for name, (bits, _) in sorted(coding_plan(manifest).items()):
         if name not in tensors:

@@ -23,6 +23,10 @@ as little-endian uint32 words) under the categorical model whose probabilities a
 kernels see the usual packed tensor. `sum(counts)` must equal rows * c, and a coded stream may stand for at
 most `MAX_EXPANSION` times its own bytes (so a tiny forged stream cannot ask for gigabytes).
 
+A float32 tensor whose every value is exactly a float16 value (the export stage rounds biases and other float
+tensors so, see `stages/export.py`) is stored in half the bytes with codec `{"codec": "f16"}` (length numel * 2)
+and widened back to the same float32 values on reading: a lossless narrowing.
+
 Everything is checked before any tensor is built; every refusal is an ArtifactError naming the file and field.
 """
 from __future__ import annotations
@@ -46,6 +50,7 @@ MANIFEST = "manifest"
 INDEX_KEY = "index"
 INDEX_VERSION = 1
 CODEC = "rans"
+F16 = "f16"  # float32 values stored as float16 (every value exactly representable)
 MAX_EXPANSION = 16  # packed bytes a coded stream may stand for, per stream byte (writer and reader agree; real
 # streams of 1-8 bit indices stay far below: b / entropy)
 MAX_TENSORS = 100_000
@@ -152,6 +157,11 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _exact_in_f16(tensor: torch.Tensor) -> bool:
+    t = tensor.detach().cpu()
+    return bool(t.isfinite().all()) and torch.equal(t.half().float(), t)
+
+
 def pack_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
                    coding: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(safetensors tensors, metadata) of a version-2 file: `tensors` back to back in name order, those named in
@@ -162,6 +172,10 @@ def pack_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
         tensor = tensors[name]
         raw = _raw_bytes(tensor)
         entry: list[Any] = [name, dtype_name(tensor.dtype), list(tensor.shape), len(raw)]
+        if tensor.dtype == torch.float32 and tensor.numel() and name not in coding and _exact_in_f16(tensor):
+            raw = _raw_bytes(tensor.half())
+            entry[3] = len(raw)
+            entry.append({"codec": F16})
         if name in coding:
             bits, cols = coding[name]
             coded = encode_stream(tensor, bits, cols)
@@ -195,6 +209,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_codec(path: Path, at: str, codec: Any, dtype: str, shape: list[int], length: int) -> dict[str, Any]:
+    if codec == {"codec": F16}:
+        if dtype != "F32" or length != math.prod(shape) * 2:
+            raise _fail(path, f"{at}: an f16-stored tensor is F32 in {math.prod(shape) * 2} bytes (got {dtype}, {length})")
+        return codec
     if not isinstance(codec, dict) or codec.get("codec") != CODEC or set(codec) != {"codec", "bits", "cols", "counts"}:
         raise _fail(path, f"{at}.codec must be {{codec: '{CODEC}', bits, cols, counts}} (got {str(codec)[:80]})")
     bits, cols, counts = codec["bits"], codec["cols"], codec["counts"]
@@ -286,7 +304,9 @@ def unpack_container(path: Path, header: dict[str, Any], raw: bytes, start: int
     tensors = {}
     for name, dtype, shape, offset, length, codec in entries:
         chunk = raw[data_begin + offset: data_begin + offset + length]
-        if codec is not None:
+        if codec is not None and codec["codec"] == F16:
+            tensors[name] = torch.frombuffer(bytearray(chunk), dtype=torch.float16).float().reshape(shape)
+        elif codec is not None:
             tensors[name] = decode_stream(path, name, chunk, codec, shape)
         elif length == 0:
             tensors[name] = torch.zeros(shape, dtype=DTYPES[dtype])

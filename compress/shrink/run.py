@@ -224,7 +224,7 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     from accelerate.utils import set_seed
 
     from compress.format.artifact import write_artifact
-    from compress.stages.export import artifact_manifest, fold_for_inference
+    from compress.stages.export import ExportConfig, artifact_manifest, prepare_for_export
     from compress.evaluate import measure
     from compress.models import build_model
     from compress.tasks import get_task
@@ -305,7 +305,7 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
         ctx.teacher = None
         ctx.stage_index, ctx.stage_name = len(recipe.stages), "export"
         fold_start = time.perf_counter()
-        net = fold_for_inference(net, ctx)
+        net = prepare_for_export(net, ExportConfig(), ctx)
         fold_seconds = time.perf_counter() - fold_start
         manifest = artifact_manifest(ctx)
         manifest["metrics"] = {}  # nothing was evaluated (calibration images may be unlabelled)

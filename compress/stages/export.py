@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn as nn
 from pydantic import Field
 
@@ -22,6 +23,33 @@ class ExportConfig(Config):
     fold_bn: bool = Field(True, description="fold BatchNorms into the convs before them for inference (exact for "
                                             "float convs, and for quantized convs whose BN the quantize stage "
                                             "already folded); the artifact reloads as the folded model")
+    float16: bool = Field(True, description="round the float32 tensors left (biases, norms, layers kept in float) "
+                                            "to float16 values, which the artifact stores in half the bytes; the "
+                                            "model stays float32 and the stage's metrics measure the rounding")
+
+
+@torch.no_grad()
+def round_to_float16(model: nn.Module) -> int:
+    """Round every float32 parameter and buffer to the nearest float16 value, in place (a tensor with a value
+    outside float16's range is left alone); returns how many tensors were rounded."""
+    rounded = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dtype != torch.float32 or not tensor.numel():
+            continue
+        half = tensor.half()
+        if bool(half.isfinite().all()) and bool(tensor.isfinite().all()):
+            tensor.copy_(half.float())
+            rounded += 1
+    return rounded
+
+
+def prepare_for_export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
+    """The inference form the artifact stores: BNs folded (`fold_bn`), float tensors at float16 values (`float16`)."""
+    if config.fold_bn:
+        model = fold_for_inference(model, ctx)
+    if config.float16:
+        ctx.log(f"export: {round_to_float16(model)} float tensors rounded to float16 values")
+    return model
 
 
 def fold_for_inference(model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -56,8 +84,7 @@ def artifact_manifest(ctx: RunContext) -> dict[str, Any]:
 
 
 def export(model: nn.Module, config: ExportConfig, ctx: RunContext) -> nn.Module:
-    if config.fold_bn:
-        model = fold_for_inference(model, ctx)
+    model = prepare_for_export(model, config, ctx)
     path = ctx.run_dir / config.path
     if ctx.is_main:
         size = write_artifact(path, model, artifact_manifest(ctx))

@@ -178,7 +178,7 @@ def _write_container(out: Path, stored_manifest: dict, data: bytes, metadata_cha
 def test_v2_artifact_loads_and_holds_coded_streams(coded_artifact) -> None:
     path, x, expected = coded_artifact
     _, stored, _, _ = _container_parts(path)
-    assert sum(len(e) == 5 for e in stored["index"]["tensors"]) == 3
+    assert sum(len(e) == 5 and e[4]["codec"] == "rans" for e in stored["index"]["tensors"]) == 3
     with torch.no_grad():
         assert torch.equal(load(path)(x), expected)
 
@@ -196,7 +196,7 @@ def test_fuzz_v2_manifest_index_and_coded_streams(coded_artifact, tmp_path: Path
     regions = {"manifest": (m0, m1)}
     offset = 0
     for entry in stored["index"]["tensors"]:
-        if len(entry) == 5:
+        if len(entry) == 5 and entry[4]["codec"] == "rans":
             regions[f"stream {entry[0]}"] = (d0 + offset, d0 + offset + entry[3])
         offset += entry[3]
     for region, (begin, end) in regions.items():
@@ -209,7 +209,7 @@ def test_fuzz_v2_manifest_index_and_coded_streams(coded_artifact, tmp_path: Path
             cases[f"{region} cut at {cut}"] = raw[:cut]
         cases[f"{region} zeroed"] = raw[:begin] + bytes(end - begin) + raw[end:]
 
-    coded = [i for i, e in enumerate(stored["index"]["tensors"]) if len(e) == 5]
+    coded = [i for i, e in enumerate(stored["index"]["tensors"]) if len(e) == 5 and e[4]["codec"] == "rans"]
     first, raw_entry = coded[0], next(i for i, e in enumerate(stored["index"]["tensors"]) if len(e) == 4)
 
     def forge(change, metadata_change=None, blob=data):
@@ -245,6 +245,8 @@ def test_fuzz_v2_manifest_index_and_coded_streams(coded_artifact, tmp_path: Path
         "codec dropped": lambda m, t: t.__setitem__(first, t[first][:4]),
         "codec on a raw entry": lambda m, t: t[raw_entry].append({"codec": "rans", "bits": 2, "cols": 1, "counts": [1, 0, 0, 0]}),
         "codec unknown": set_codec("codec", "huffman"),
+        "f16 codec on a raw entry": lambda m, t: t[raw_entry].append({"codec": "f16"}),
+        "f16 codec with an extra field": lambda m, t: t[first].__setitem__(4, {"codec": "f16", "bits": 2}),
         "codec extra field": set_codec("level", 3),
         "codec bits 9": set_codec("bits", 9),
         "codec bits 0": set_codec("bits", 0),

@@ -88,12 +88,13 @@ class Bench:
 
 def digits_bench(args: argparse.Namespace) -> Bench:
     bench = Bench()
+    torch.manual_seed(args.seed)  # the model's initial weights come from the seed too
     model = build_model(args.model, num_classes=10)
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     else:
         start = time.perf_counter()
-        train(model, args.epochs)
+        train(model, args.epochs, args.seed)
         print(f"trained {args.model} {args.epochs} epochs in {time.perf_counter() - start:.0f}s", flush=True)
         if args.save:
             torch.save(model.state_dict(), args.save)
@@ -183,6 +184,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="jlcm mapping: proximal vs ste vs frozen at 2 bits")
     parser.add_argument("--options", default="{}", help="JSON options added to every jlcm run, e.g. '{\"groups\": 16}'")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's init and its training")
     parser.add_argument("--timing", action="store_true", help="only time one jlcm run (mixed 2 bits) of a random-init "
                         "--model (1000 classes) on random images")
     parser.add_argument("--image-size", type=int, default=224, help="--timing: calibration image side")

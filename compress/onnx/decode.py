@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.format.weights import DOUBLE_QUANT_BLOCK, NF4_TABLE, dynamic_map, matrix_shape
+from compress.format.weights import DOUBLE_QUANT_BLOCK, NF4_TABLE, dynamic_map, id_bits, matrix_shape
 from compress.format.packing import bit_planes
 
 __all__ = ["BITOPS_MIN_OPSET", "decode_traceable", "graph_tensors", "unpack_traceable"]
@@ -33,7 +33,9 @@ def _unpack_plane(packed: torch.Tensor, rows: int, nbytes: int, width: int, cols
     """uint8 [rows, nbytes] -> [rows, cols] (uint8 with bit ops, int32 without) of the `width`-bit values.
 
     Every size is a Python int from the layout (never `tensor.shape`), so the traced graph holds constant
-    shapes instead of Shape/Gather/Unsqueeze/Concat chains.
+    shapes instead of Shape/Gather/Unsqueeze/Concat chains. The cut to `cols` is traced even where it
+    keeps every column, so that a plane of any width and size is the same chain of nodes with other
+    constants (one decode function serves them all, see `compress.onnx.export._functionize`).
     """
     per = 8 // width
     mask = (1 << width) - 1
@@ -44,15 +46,16 @@ def _unpack_plane(packed: torch.Tensor, rows: int, nbytes: int, width: int, cols
         divisors = torch.tensor([1 << (k * width) for k in range(per)], dtype=torch.int32, device=packed.device)
         values = torch.fmod(torch.div(packed.to(torch.int32).unsqueeze(-1), divisors, rounding_mode="trunc"),
                             mask + 1)
-    values = values.reshape(rows, nbytes * per)
-    return values if nbytes * per == cols else values[:, :cols]
+    return values.reshape(rows, nbytes * per).narrow(1, 0, cols)
 
 
 def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bitops: bool) -> torch.Tensor:
-    """Inverse of `compress.format.packing.pack_indices`: uint8 [rows, packed_cols] -> int64 [rows, cols]."""
+    """Inverse of `compress.format.packing.pack_indices`: uint8 [rows, packed_cols] -> int64 [rows, cols].
+
+    8-bit indices are unpacked as one 8-bit plane (shift 0, mask 255) rather than just cast, for the same
+    reason as the cut in `_unpack_plane`.
+    """
     planes = bit_planes(bits)
-    if planes == [8]:
-        return packed.to(torch.int64)
     out: torch.Tensor | None = None
     start = shift = 0
     for width in planes:
@@ -69,8 +72,9 @@ def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bito
 
 
 def _unpack_matrix(packed: torch.Tensor, bits: int, rows: int, cols: int, packing: str, bitops: bool) -> torch.Tensor:
+    """[rows, cols] int64 indices; "rows" and "flat" packing trace to the same nodes (other constants)."""
     if packing == "rows":
-        return unpack_traceable(packed, bits, rows, cols, bitops)
+        return unpack_traceable(packed, bits, rows, cols, bitops).reshape(rows, cols)
     return unpack_traceable(packed, bits, 1, rows * cols, bitops).reshape(rows, cols)
 
 
@@ -79,18 +83,15 @@ def _group_dtype(groups: int) -> torch.dtype:
 
 
 def graph_tensors(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the graph stores for a layer: its stored tensors, except that a row -> group map
-    ("group-ids" or "order") becomes `row_group`, the group of every row (uint8 [R] for <= 256 groups).
-
-    One byte per row costs a few hundred bytes more than the packed ids (or less than the int16 order) for
-    typical layers, while unpacking the ids in the graph takes ~15 nodes (~700 bytes of graph) per layer;
-    the indices and codebooks, which are most of the weight, stay packed.
+    """The tensors the graph stores for a layer: its stored tensors (the packed group ids too, unpacked in
+    the graph like the indices), except that a row order (row_map "order") becomes `row_group`, the group
+    of every row (uint8 [R] for <= 256 groups: no bigger than the int16 order, and no scatter in the graph).
     """
-    if layout.get("format") != "codebook" or layout.get("row_map") not in ("group-ids", "order"):
+    if layout.get("format") != "codebook" or layout.get("row_map") != "order":
         return dict(buffers)
     from compress.format.weights import row_groups
 
-    out = {k: v for k, v in buffers.items() if k not in ("group_ids", "order")}
+    out = {k: v for k, v in buffers.items() if k != "order"}
     out["row_group"] = row_groups(layout, buffers).to(_group_dtype(layout["groups"]))
     return out
 
@@ -140,9 +141,12 @@ def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], b
     bits, groups, kind = layout["bits"], layout["groups"], layout["codebook"]
     idx = _unpack_matrix(buffers["packed"], bits, rows, cols, layout["packing"], bitops)
     # group of every row (int64 [R]); None when row r is in group r or when there is a single group
-    if layout["row_map"] in ("group-ids", "order") and "row_group" not in buffers:
-        raise ValueError(f"row_map {layout['row_map']!r} needs 'row_group': pass graph_tensors(layout, stored)")
-    g = buffers["row_group"].to(torch.int64) if "row_group" in buffers else None
+    if layout["row_map"] == "order" and "row_group" not in buffers:
+        raise ValueError("row_map 'order' needs 'row_group': pass graph_tensors(layout, stored)")
+    if layout["row_map"] == "group-ids":
+        g = unpack_traceable(buffers["group_ids"], id_bits(groups), 1, rows, bitops).reshape(rows)
+    else:
+        g = buffers["row_group"].to(torch.int64) if "row_group" in buffers else None
     if kind == "grid":
         w = idx.to(torch.float32)
     elif kind == "shared":

@@ -243,7 +243,7 @@ def _stored_to_initializers(proto: Any, onnx: Any, wrapper: _StoredAsInputs) -> 
     graph.input.extend(inputs)
 
 
-def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> None:
+def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> set[str]:
     """Make the graph's bookkeeping small next to the weights it decodes.
 
     The exporter names values and nodes after module paths and writes small constants (shapes, axes,
@@ -299,6 +299,195 @@ def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> None:
             info.name = renamed[info.name]
     proto.doc_string = ""
     graph.doc_string = ""
+    return set(constants.values())
+
+
+FUNCTION_DOMAIN = "compress"  # the model-local decode functions' domain
+
+
+def _attribute_value(onnx: Any, array: Any) -> tuple[int, str, Any]:
+    """(attribute type, Constant attribute name, value) that makes a Constant node of `array` compactly:
+    int64 and float32 scalars and vectors as value_int(s) / value_float(s), other tensors as a TensorProto."""
+    A = onnx.AttributeProto
+    if array.dtype.name == "int64" and array.ndim <= 1:
+        return (A.INTS, "value_ints", array.tolist()) if array.ndim else (A.INT, "value_int", int(array))
+    if array.dtype.name == "float32" and array.ndim <= 1:
+        return (A.FLOATS, "value_floats", array.tolist()) if array.ndim else (A.FLOAT, "value_float", float(array))
+    return A.TENSOR, "value", onnx.numpy_helper.from_array(array)
+
+
+def _same(arrays: list[Any]) -> bool:
+    first = arrays[0]
+    return all(a.dtype == first.dtype and a.shape == first.shape and a.tobytes() == first.tobytes() for a in arrays)
+
+
+def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[str]) -> int:
+    """Replace every layer's decoding subgraph by one call of a model-local function; returns the number of
+    functions.
+
+    A layer's decoding is the set of nodes computed from its stored tensors (`layers[i]`, initializer names)
+    and small constants (`constants`, initializer names) alone. Layers whose decodings have the same
+    structure (same ops, attributes and wiring: the same stored form up to sizes) share one FunctionProto:
+    a constant input that is the same in all of them is a Constant node of the body, one that differs
+    (shapes, slice bounds, shifts of another bit width) is a Constant node taking its value from an
+    attribute of the call. The TorchScript exporter inlines everything, so this is done on the exported
+    graph; runtimes inline model-local functions when they load the model (onnxruntime then folds the
+    decoding as before).
+    """
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {name for name in constants if name in inits}
+    layer_of = {name: i for i, names in enumerate(layers) for name in names}
+    owner: dict[str, int] = {}
+    cones: dict[int, list[Any]] = {}
+    for node in graph.node:
+        found: set[int] = set()
+        for name in node.input:
+            if not name or name in consts:
+                continue
+            layer = layer_of.get(name, owner.get(name))
+            if layer is None:
+                found = set()
+                break
+            found.add(layer)
+        if len(found) == 1:
+            layer = found.pop()
+            cones.setdefault(layer, []).append(node)
+            owner.update({o: layer for o in node.output if o})
+    in_cone = {id(n) for cone in cones.values() for n in cone}
+    used_outside = {v.name for v in graph.output}
+    for node in graph.node:
+        if id(node) not in in_cone:
+            used_outside.update(node.input)
+
+    # structure key -> [(layer, the constant of every slot (one per constant input of a node), outputs)]
+    groups: dict[tuple, list[tuple[int, list[str], list[str]]]] = {}
+    for layer, cone in cones.items():
+        local: dict[str, tuple] = {name: ("i", k) for k, name in enumerate(layers[layer])}
+        slots: list[str] = []
+        body = []
+        for j, node in enumerate(cone):
+            ins: list[tuple] = []
+            for name in node.input:
+                if not name:
+                    ins.append(("",))
+                elif name in consts:
+                    ins.append(("c", len(slots)))
+                    slots.append(name)
+                else:
+                    ins.append(local[name])
+            local.update({o: ("v", j, m) for m, o in enumerate(node.output)})
+            body.append((node.op_type, node.domain, tuple(a.SerializeToString() for a in node.attribute),
+                         tuple(ins), len(node.output)))
+        outs = [o for n in cone for o in n.output if o in used_outside]
+        if not outs:
+            continue
+        key = (tuple(body), len(layers[layer]), tuple(local[o] for o in outs))
+        groups.setdefault(key, []).append((layer, slots, outs))
+
+    replaced: dict[int, Any] = {}  # id(first node of a cone) -> its call node
+    functions = []
+    for f, (key, members) in enumerate(groups.items()):
+        body, ninputs, outputs = key
+        fname = f"d{f}"
+        names = map(_base36, itertools.count())
+        inputs = [next(names) for _ in range(ninputs)]
+        nodes = []
+        call_attrs: list[list[Any]] = [[] for _ in members]
+        slot_value: list[str] = []
+        made: dict[tuple, str] = {}  # a constant's values in every member -> its value name in the body
+        refs = map(_base36, itertools.count())  # the call's attribute names
+        for k in range(len(members[0][1])):
+            arrays = [onnx.numpy_helper.to_array(inits[slots[k]]) for _, slots, _ in members]
+            fixed = _same(arrays)
+            ident = (fixed,) + tuple((a.dtype.str, a.shape, a.tobytes()) for a in (arrays[:1] if fixed else arrays))
+            if ident not in made:
+                made[ident] = next(names)
+                node = onnx.helper.make_node("Constant", [], [made[ident]])
+                if fixed:
+                    kind, field, value = _attribute_value(onnx, arrays[0])
+                    node.attribute.append(onnx.helper.make_attribute(field, value, attr_type=kind))
+                else:
+                    ref = next(refs)
+                    kinds = {_attribute_value(onnx, a)[:2] for a in arrays}
+                    if len(kinds) > 1:  # e.g. some scalars, some vectors: all as tensors
+                        kinds = {(onnx.AttributeProto.TENSOR, "value")}
+                    (kind, field), = kinds
+                    node.attribute.append(onnx.AttributeProto(name=field, ref_attr_name=ref, type=kind))
+                    for m, array in enumerate(arrays):
+                        value = onnx.numpy_helper.from_array(array) if kind == onnx.AttributeProto.TENSOR \
+                            else _attribute_value(onnx, array)[2]
+                        call_attrs[m].append(onnx.helper.make_attribute(ref, value, attr_type=kind))
+                nodes.append(node)
+            slot_value.append(made[ident])
+        values: dict[tuple, str] = {("i", k): n for k, n in enumerate(inputs)}
+        values.update({("c", k): n for k, n in enumerate(slot_value)})
+        values[("",)] = ""
+        for j, (op, domain, attrs, ins, nout) in enumerate(body):
+            outs = [next(names) for _ in range(nout)]
+            values.update({("v", j, m): o for m, o in enumerate(outs)})
+            node = onnx.NodeProto(op_type=op, domain=domain, input=[values[i] for i in ins], output=outs)
+            for blob in attrs:
+                attr = onnx.AttributeProto()
+                attr.ParseFromString(blob)
+                node.attribute.append(attr)
+            nodes.append(node)
+        functions.append(onnx.helper.make_function(
+            FUNCTION_DOMAIN, fname, inputs, [values[ref] for ref in outputs], nodes,
+            [onnx.helper.make_opsetid("", proto.opset_import[0].version)],
+            attributes=[a.name for a in call_attrs[0]]))
+        for m, (layer, _, outs) in enumerate(members):
+            call = onnx.helper.make_node(fname, list(layers[layer]), outs, domain=FUNCTION_DOMAIN)
+            call.attribute.extend(call_attrs[m])
+            replaced[id(cones[layer][0])] = call
+    done = {id(n) for members in groups.values() for layer, _, _ in members for n in cones[layer]}
+    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in done or id(n) in replaced]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for n in graph.node for name in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    proto.functions.extend(functions)
+    if functions:
+        proto.opset_import.append(onnx.helper.make_opsetid(FUNCTION_DOMAIN, 1))
+        proto.ir_version = max(proto.ir_version, 8)  # model-local functions
+    return len(functions)
+
+
+def _short_names(proto: Any) -> None:
+    """Every initializer and intermediate value gets a short name (graph inputs and outputs keep theirs)."""
+    graph = proto.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names = (name for name in map(_base36, itertools.count()) if name not in keep)
+    renamed: dict[str, str] = {}
+    for tensor in graph.initializer:
+        renamed[tensor.name] = tensor.name = next(names)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[i] = next(names)
+    del graph.value_info[:]
+
+
+def _drop_default_attributes(proto: Any, onnx: Any) -> None:
+    """Conv attributes that say the default (unit strides and dilations, no padding, one group) and the
+    kernel shape (which the spec infers from the weight) are dropped."""
+    for node in proto.graph.node:
+        if node.op_type != "Conv" or node.domain:
+            continue
+        kept = []
+        for attr in node.attribute:
+            value = onnx.helper.get_attribute_value(attr)
+            if attr.name == "kernel_shape" or (attr.name in ("strides", "dilations") and all(v == 1 for v in value)) \
+                    or (attr.name == "pads" and not any(value)) or (attr.name == "group" and value == 1):
+                continue
+            kept.append(attr)
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 def _check_opset(opset: int | None) -> int:
@@ -336,7 +525,13 @@ def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, o
                               do_constant_folding=True, export_params=True)
         proto = onnx.load(str(tmp))
         _stored_to_initializers(proto, onnx, wrapper)
-        _compact(proto, onnx)
+        constants = _compact(proto, onnx)
+        stored: dict[int, list[str]] = {}
+        for module, _, name, _ in wrapper.slots:
+            stored.setdefault(id(module), []).append(name)
+        _functionize(proto, onnx, list(stored.values()), constants)
+        _short_names(proto)
+        _drop_default_attributes(proto, onnx)
         for key, value in (metadata or {}).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto)

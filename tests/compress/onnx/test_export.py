@@ -21,6 +21,7 @@ import compress
 from compress.format.artifact import write_artifact
 from compress.models import build_model
 from compress.onnx import OnnxExportError, export_module, export_onnx
+from compress.onnx.export import FUNCTION_DOMAIN
 from compress.onnx.decode import decode_traceable, graph_tensors, unpack_traceable
 from compress.format.restorers import PLAN_FORMAT
 from compress.format.weights import decode, encode_codebook, matrix_shape, row_packing
@@ -144,6 +145,11 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_artifact(path, "compress:yolo-n", {}, "detection", 32, num_classes=3, skip=5)
 
 
+def _ops(proto: Any) -> set[str]:
+    """The op types of the graph and of its functions' bodies."""
+    return {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+
+
 def _run(onnx_path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -204,18 +210,22 @@ def test_packed_export_keeps_weights_packed_and_matches_load(classifier: Path, t
     assert info["opset"] == 18 and info["outputs"] == ["output"] and info["quantized_layers"] == 11
 
     proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
+    onnx.checker.check_model(proto, full_check=True)
     inits = {t.name: t for t in proto.graph.initializer}
     layers = quantized_modules(compress.load(classifier))
-    for name in layers:
-        assert f"{name}.weight" not in inits, f"{name}: dense weight in the graph"
-        assert inits[f"{name}.weight_packed"].data_type == onnx.TensorProto.UINT8
-    assert inits["stem.0.weight_codebook"].data_type == onnx.TensorProto.FLOAT16
+    # one call of a model-local decode function per quantized layer, fed by its stored tensors
+    calls = [n for n in proto.graph.node if n.domain == FUNCTION_DOMAIN]
+    assert len(calls) == len(layers) and all(name in inits for n in calls for name in n.input)
+    stored = [t for n in calls for t in (inits[name] for name in n.input)]
+    assert all(t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT16,
+                               onnx.TensorProto.FLOAT) for t in stored)
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in stored) >= 8  # codebooks, scales, offsets
+    stored_bytes = sum(v.numel() * v.element_size() for m in layers.values() for v in m.quant_buffers().values())
+    assert sum(len(t.raw_data) for t in stored) <= stored_bytes  # nothing unpacked (the row order even shrinks)
     # 32-bit floats in the graph: BN parameters, biases, NF4 absmax, ... never a decoded weight
     floats = sum(math.prod(t.dims) for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT)
     assert floats < sum(math.prod(m.quant_layout["shape"]) for m in layers.values()) / 4
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"BitShift", "BitwiseAnd", "GatherElements", "Gather"} <= ops, ops
+    assert {"BitShift", "BitwiseAnd", "GatherElements", "Gather"} <= _ops(proto), _ops(proto)
 
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # batch 3: the batch axis is dynamic
     _assert_close(_run(out, x), _reference(classifier, x))
@@ -235,7 +245,7 @@ def test_older_opset_decodes_with_integer_arithmetic(classifier: Path, tmp_path:
     info = export_onnx(classifier, out, opset=13)
     proto = onnx.load(str(out))
     assert info["opset"] == 13 and proto.opset_import[0].version == 13
-    ops = {n.op_type for n in proto.graph.node}
+    ops = _ops(proto)
     assert "BitwiseAnd" not in ops and {"Div", "Mod"} <= ops, ops
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     _assert_close(_run(out, x), _reference(classifier, x))
@@ -245,7 +255,11 @@ def test_detector_exports_every_output_map(detector: Path, tmp_path: Path) -> No
     out = tmp_path / "yolo.onnx"
     info = export_onnx(detector, out)
     assert info["outputs"] == ["output0", "output1", "output2"]
-    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    # 59 quantized layers in the 13 stored forms of VARIANTS: one decode function per form, one call per layer
+    assert sum(n.domain == FUNCTION_DOMAIN for n in proto.graph.node) == 59
+    assert len(proto.functions) <= len(VARIANTS), [f.name for f in proto.functions]
     assert meta["task"] == "detection" and meta["strides"] == "8,16,32" and meta["compress_form"] == "packed"
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     got = _run(out, x)

@@ -46,7 +46,8 @@ def _unpack_plane(packed: torch.Tensor, rows: int, nbytes: int, width: int, cols
         divisors = torch.tensor([1 << (k * width) for k in range(per)], dtype=torch.int32, device=packed.device)
         values = torch.fmod(torch.div(packed.to(torch.int32).unsqueeze(-1), divisors, rounding_mode="trunc"),
                             mask + 1)
-    return values.reshape(rows, nbytes * per).narrow(1, 0, cols)
+    # flatten(1) rather than reshape(rows, nbytes * per): an ONNX Flatten, whose only constant is its axis
+    return values.flatten(1).narrow(1, 0, cols)
 
 
 def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bitops: bool) -> torch.Tensor:
@@ -144,7 +145,7 @@ def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], b
     if layout["row_map"] == "order" and "row_group" not in buffers:
         raise ValueError("row_map 'order' needs 'row_group': pass graph_tensors(layout, stored)")
     if layout["row_map"] == "group-ids":
-        g = unpack_traceable(buffers["group_ids"], id_bits(groups), 1, rows, bitops).reshape(rows)
+        g = unpack_traceable(buffers["group_ids"], id_bits(groups), 1, rows, bitops).reshape(-1)
     else:
         g = buffers["row_group"].to(torch.int64) if "row_group" in buffers else None
     if kind == "grid":

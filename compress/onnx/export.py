@@ -409,15 +409,23 @@ def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[
                     node.attribute.append(onnx.helper.make_attribute(field, value, attr_type=kind))
                 else:
                     ref = next(refs)
-                    kinds = {_attribute_value(onnx, a)[:2] for a in arrays}
+                    # small integers of another type (uint8 shifts and masks): int64 in the call, cast here
+                    cast = arrays[0].dtype.kind in "iu" and arrays[0].dtype.name != "int64" \
+                        and len({(a.dtype, a.ndim) for a in arrays}) == 1 and arrays[0].ndim <= 1
+                    kinds = {_attribute_value(onnx, a.astype("int64") if cast else a)[:2] for a in arrays}
                     if len(kinds) > 1:  # e.g. some scalars, some vectors: all as tensors
-                        kinds = {(onnx.AttributeProto.TENSOR, "value")}
+                        kinds, cast = {(onnx.AttributeProto.TENSOR, "value")}, False
                     (kind, field), = kinds
                     node.attribute.append(onnx.AttributeProto(name=field, ref_attr_name=ref, type=kind))
                     for m, array in enumerate(arrays):
                         value = onnx.numpy_helper.from_array(array) if kind == onnx.AttributeProto.TENSOR \
-                            else _attribute_value(onnx, array)[2]
+                            else _attribute_value(onnx, array.astype("int64") if cast else array)[2]
                         call_attrs[m].append(onnx.helper.make_attribute(ref, value, attr_type=kind))
+                    if cast:
+                        wide = next(names)
+                        node.output[0] = wide
+                        nodes.append(node)
+                        node = onnx.helper.make_node("Cast", [wide], [made[ident]], to=onnx.helper.np_dtype_to_tensor_dtype(arrays[0].dtype))
                 nodes.append(node)
             slot_value.append(made[ident])
         values: dict[tuple, str] = {("i", k): n for k, n in enumerate(inputs)}

@@ -57,26 +57,31 @@ def unpack_traceable(packed: torch.Tensor, bits: int, rows: int, cols: int, bito
     reason as the cut in `_unpack_plane`.
     """
     planes = bit_planes(bits)
+    sizes = [-(-cols // (8 // width)) for width in planes]
+    # one Split (one constant: the sizes) rather than a Slice per plane (two constants each)
+    parts = [packed] if len(planes) == 1 else torch.split(packed, sizes, dim=1)
     out: torch.Tensor | None = None
-    start = shift = 0
-    for width in planes:
-        nbytes = -(-cols // (8 // width))
-        part = packed if len(planes) == 1 else packed[:, start:start + nbytes]
+    shift = 0
+    for width, nbytes, part in zip(planes, sizes, parts):
         part = _unpack_plane(part, rows, nbytes, width, cols, bitops).to(torch.int64)
         # the planes hold disjoint bits, so adding the shifted plane is or-ing it in (the TorchScript
         # exporter has no BitwiseOr for integers, and onnxruntime adds no uint8)
         out = part if out is None else out + part * (1 << shift)
-        start += nbytes
         shift += width
     assert out is not None
     return out
 
 
-def _unpack_matrix(packed: torch.Tensor, bits: int, rows: int, cols: int, packing: str, bitops: bool) -> torch.Tensor:
-    """[rows, cols] int64 indices; "rows" and "flat" packing trace to the same nodes (other constants)."""
+def _unpack_matrix(packed: torch.Tensor, bits: int, shape: list[int], packing: str, bitops: bool) -> torch.Tensor:
+    """[rows, cols] int64 indices of a weight of `shape`. "rows" and "flat" packing trace to the same nodes
+    (with other constants), and the shape they are brought to is the weight's: the same constant as the
+    decoder's last Reshape."""
+    rows, cols = matrix_shape(shape)
     if packing == "rows":
-        return unpack_traceable(packed, bits, rows, cols, bitops).reshape(rows, cols)
-    return unpack_traceable(packed, bits, 1, rows * cols, bitops).reshape(rows, cols)
+        idx = unpack_traceable(packed, bits, rows, cols, bitops)
+    else:
+        idx = unpack_traceable(packed, bits, 1, rows * cols, bitops)
+    return idx.reshape(shape).flatten(1)
 
 
 def _group_dtype(groups: int) -> torch.dtype:
@@ -110,7 +115,7 @@ def _per_group(values: torch.Tensor, g: torch.Tensor | None, groups: int) -> tor
 def _decode_nf4(layout: dict[str, Any], buffers: dict[str, torch.Tensor], rows: int, cols: int,
                 bitops: bool) -> torch.Tensor:
     packed = buffers["packed"]
-    idx = _unpack_matrix(packed, 4, rows, cols, layout["packing"], bitops).reshape(-1)
+    idx = _unpack_matrix(packed, 4, layout["shape"], layout["packing"], bitops).reshape(-1)
     absmax = buffers["absmax"]
     blocksize = layout["blocksize"]
     nblocks = -(-rows * cols // blocksize)
@@ -140,7 +145,7 @@ def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], b
     if layout["format"] != "codebook":
         raise ValueError(f"unknown quantized format {layout['format']!r}")
     bits, groups, kind = layout["bits"], layout["groups"], layout["codebook"]
-    idx = _unpack_matrix(buffers["packed"], bits, rows, cols, layout["packing"], bitops)
+    idx = _unpack_matrix(buffers["packed"], bits, layout["shape"], layout["packing"], bitops)
     # group of every row (int64 [R]); None when row r is in group r or when there is a single group
     if layout["row_map"] == "order" and "row_group" not in buffers:
         raise ValueError("row_map 'order' needs 'row_group': pass graph_tensors(layout, stored)")

@@ -302,7 +302,7 @@ def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> set[str]:
     return set(constants.values())
 
 
-FUNCTION_DOMAIN = "compress"  # the model-local decode functions' domain
+FUNCTION_DOMAIN = "c"  # the model-local decode functions' domain (a short name: each call writes it)
 
 
 def _attribute_value(onnx: Any, array: Any) -> tuple[int, str, Any]:
@@ -481,17 +481,29 @@ def _short_names(proto: Any) -> None:
     del graph.value_info[:]
 
 
+# attributes that say their op's default, dropped (the exporter writes some of them explicitly)
+_DEFAULTS = {"Reshape": {"allowzero": 0}, "Gather": {"axis": 0}, "GatherElements": {"axis": 0},
+             "Flatten": {"axis": 1}, "Split": {"axis": 0}, "Cast": {"saturate": 1}, "Concat": {},
+             "Conv": {"group": 1}}
+
+
 def _drop_default_attributes(proto: Any, onnx: Any) -> None:
-    """Conv attributes that say the default (unit strides and dilations, no padding, one group) and the
-    kernel shape (which the spec infers from the weight) are dropped."""
-    for node in proto.graph.node:
-        if node.op_type != "Conv" or node.domain:
+    """Drop attributes that say the default, in the graph and in the functions: those of `_DEFAULTS`, and
+    Conv's unit strides and dilations, zero pads and kernel shape (which the spec infers from the weight)."""
+    for node in itertools.chain(proto.graph.node, (n for f in proto.functions for n in f.node)):
+        if node.domain or node.op_type not in _DEFAULTS:
             continue
+        defaults = _DEFAULTS[node.op_type]
         kept = []
         for attr in node.attribute:
+            if attr.ref_attr_name:
+                kept.append(attr)
+                continue
             value = onnx.helper.get_attribute_value(attr)
-            if attr.name == "kernel_shape" or (attr.name in ("strides", "dilations") and all(v == 1 for v in value)) \
-                    or (attr.name == "pads" and not any(value)) or (attr.name == "group" and value == 1):
+            if attr.name in defaults and value == defaults[attr.name]:
+                continue
+            if node.op_type == "Conv" and (attr.name == "kernel_shape" or (attr.name == "pads" and not any(value))
+                                           or (attr.name in ("strides", "dilations") and all(v == 1 for v in value))):
                 continue
             kept.append(attr)
         del node.attribute[:]

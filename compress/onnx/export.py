@@ -321,6 +321,105 @@ def _same(arrays: list[Any]) -> bool:
     return all(a.dtype == first.dtype and a.shape == first.shape and a.tobytes() == first.tobytes() for a in arrays)
 
 
+# a layer function's Conv: its attributes -> the call's attribute names (upper case: the decode
+# functions' attribute names are lower-case base 36) and types
+_CONV_REF_TYPES = {"pads": ("P", 7), "strides": ("S", 7), "dilations": ("D", 7), "group": ("G", 2)}
+
+
+def _fused_consumers(weight: str, consumers: dict[str, list[Any]], graph_outputs: set[str],
+                     inits: set[str]) -> list[Any]:
+    """The nodes that can join a layer's decoding in its layer function: the Conv that alone consumes the
+    decoded `weight` (with only the attributes of `_CONV_REF_TYPES`; no bias, or an initializer), then the
+    SiLU after it (Sigmoid + Mul) when nothing else reads the Conv's output. [] when the weight goes
+    elsewhere."""
+    if weight in graph_outputs or len(consumers.get(weight, [])) != 1:
+        return []
+    conv = consumers[weight][0]
+    if conv.op_type != "Conv" or conv.domain or list(conv.input[1:2]) != [weight] or conv.input[0] == weight \
+            or any(a.name not in _CONV_REF_TYPES for a in conv.attribute) or len(conv.output) != 1 \
+            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits):
+        return []
+    y = conv.output[0]
+    users = consumers.get(y, [])
+    if y in graph_outputs or len(users) != 2:
+        return [conv]
+    sig = [n for n in users if n.op_type == "Sigmoid" and not n.domain and list(n.input) == [y]]
+    mul = [n for n in users if n.op_type == "Mul" and not n.domain]
+    if len(sig) != 1 or len(mul) != 1 or sorted(mul[0].input) != sorted([y, sig[0].output[0]]) \
+            or sig[0].output[0] in graph_outputs or len(consumers.get(sig[0].output[0], [])) != 1:
+        return [conv]
+    return [conv, sig[0], mul[0]]
+
+
+LAYER_FUNCTION_MIN = 4  # layers that a layer function must serve to weigh less than their Conv (+ SiLU) nodes
+
+
+def _layer_functions(proto: Any, onnx: Any) -> int:
+    """Fold each decode call's Conv (and the SiLU after it) into one call of a layer function; returns the
+    number of layer functions.
+
+    A layer function's body is the decode call (its attributes passed through), the Conv (strides, pads,
+    dilations and group from the call; absent ones keep their defaults) and the Sigmoid + Mul of a SiLU;
+    one is written per decode function and ending (with or without SiLU) that serves at least
+    LAYER_FUNCTION_MIN layers. The call takes the Conv's input, the stored tensors and the bias ("" when
+    the Conv has none).
+    """
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {v.name for v in graph.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
+    candidates: dict[tuple[str, int], list[tuple[Any, list[Any]]]] = {}
+    for node in graph.node:
+        if node.domain == FUNCTION_DOMAIN and len(node.output) == 1:
+            fused = _fused_consumers(node.output[0], consumers, graph_outputs, inits)
+            if fused:
+                candidates.setdefault((node.op_type, len(fused)), []).append((node, fused))
+    replaced: dict[int, Any] = {}
+    removed: set[int] = set()
+    functions = []
+    A = onnx.AttributeProto
+    for (decoder, length), members in candidates.items():
+        if len(members) < LAYER_FUNCTION_MIN:
+            continue
+        fname = f"l{len(functions)}"
+        first = members[0][0]
+        names = map(_base36, itertools.count())
+        x, stored, bias = next(names), [next(names) for _ in first.input], next(names)
+        w, y = next(names), next(names)
+        inner = onnx.helper.make_node(decoder, stored, [w], domain=FUNCTION_DOMAIN)
+        inner.attribute.extend(A(name=a.name, ref_attr_name=a.name, type=a.type) for a in first.attribute)
+        conv = onnx.helper.make_node("Conv", [x, w, bias], [y])
+        conv.attribute.extend(A(name=name, ref_attr_name=ref, type=kind) for name, (ref, kind) in _CONV_REF_TYPES.items())
+        nodes = [inner, conv]
+        out = y
+        if length == 3:
+            sig, out = next(names), next(names)
+            nodes += [onnx.helper.make_node("Sigmoid", [y], [sig]), onnx.helper.make_node("Mul", [y, sig], [out])]
+        functions.append(onnx.helper.make_function(
+            FUNCTION_DOMAIN, fname, [x, *stored, bias], [out], nodes,
+            [onnx.helper.make_opsetid("", proto.opset_import[0].version), onnx.helper.make_opsetid(FUNCTION_DOMAIN, 1)],
+            attributes=[a.name for a in first.attribute] + [ref for ref, _ in _CONV_REF_TYPES.values()]))
+        for call, fused in members:
+            layer_conv = fused[0]
+            b = layer_conv.input[2] if len(layer_conv.input) > 2 else ""
+            new = onnx.helper.make_node(fname, [layer_conv.input[0], *call.input, b], [fused[-1].output[0]],
+                                        domain=FUNCTION_DOMAIN)
+            new.attribute.extend(call.attribute)
+            new.attribute.extend(onnx.helper.make_attribute(_CONV_REF_TYPES[a.name][0],
+                                                            onnx.helper.get_attribute_value(a), attr_type=a.type)
+                                 for a in layer_conv.attribute)
+            replaced[id(layer_conv)] = new
+            removed.update(id(n) for n in [call, *fused])
+    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in replaced]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    proto.functions.extend(functions)
+    return len(functions)
+
+
 def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[str]) -> int:
     """Replace every layer's decoding subgraph by one call of a model-local function; returns the number of
     functions.
@@ -398,7 +497,7 @@ def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[
         made: dict[tuple, str] = {}  # a constant's values in every member -> its value name in the body
         refs = map(_base36, itertools.count())  # the call's attribute names
         for k in range(len(members[0][1])):
-            arrays = [onnx.numpy_helper.to_array(inits[slots[k]]) for _, slots, _ in members]
+            arrays = [onnx.numpy_helper.to_array(inits[slots[k]]) for _, slots, *_ in members]
             fixed = _same(arrays)
             ident = (fixed,) + tuple((a.dtype.str, a.shape, a.tobytes()) for a in (arrays[:1] if fixed else arrays))
             if ident not in made:
@@ -448,7 +547,7 @@ def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[
             call = onnx.helper.make_node(fname, list(layers[layer]), outs, domain=FUNCTION_DOMAIN)
             call.attribute.extend(call_attrs[m])
             replaced[id(cones[layer][0])] = call
-    done = {id(n) for members in groups.values() for layer, _, _ in members for n in cones[layer]}
+    done = {id(n) for members in groups.values() for layer, *_ in members for n in cones[layer]}
     nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in done or id(n) in replaced]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -549,7 +648,9 @@ def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, o
         stored: dict[int, list[str]] = {}
         for module, _, name, _ in wrapper.slots:
             stored.setdefault(id(module), []).append(name)
+        _drop_default_attributes(proto, onnx)
         _functionize(proto, onnx, list(stored.values()), constants)
+        _layer_functions(proto, onnx)
         _short_names(proto)
         _drop_default_attributes(proto, onnx)
         for key, value in (metadata or {}).items():

@@ -352,3 +352,50 @@ def test_export_module_with_quantized_attention(tmp_path: Path) -> None:
     info = export_module(model, x[:1], tmp_path / "attn.onnx")
     assert info["quantized_layers"] == 4 and info["outputs"] == ["output"]
     _assert_close(_run(tmp_path / "attn.onnx", x), [expected])
+
+
+class _FoldedBlocks(nn.Module):
+    """Convs with biases and SiLU (BatchNorm folded into the convs), in several geometries, and a plain
+    conv head: the layers that the export folds into layer functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def block(cin: int, cout: int, k: int, **kw: Any) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, **kw), nn.SiLU())
+        self.blocks = nn.Sequential(block(3, 8, 3, padding=1), block(8, 16, 3, stride=2, padding=1),
+                                    block(16, 16, 1), block(16, 16, 3, padding=2, dilation=2, groups=4),
+                                    block(16, 24, 3, stride=2, padding=1), block(24, 24, 1))
+        self.extra = nn.Conv2d(24, 24, 1, bias=False)  # no bias, no activation
+        self.head = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.extra(self.blocks(x))))
+
+
+@pytest.mark.parametrize("opset", [18, 17])
+def test_folded_conv_blocks_become_layer_functions(tmp_path: Path, opset: int) -> None:
+    torch.manual_seed(0)
+    model = _FoldedBlocks().eval()
+    gen = torch.Generator().manual_seed(0)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        with torch.no_grad():
+            if conv.bias is not None:
+                conv.bias.normal_(0.0, 0.1, generator=gen)
+        variant = VARIANTS[0] if i < 5 else VARIANTS[8]  # 3-bit group ids; 2-bit with scale and offset
+        layout, buffers = _stored(tuple(conv.weight.shape), variant, gen)
+        attach_quantized(conv, layout, buffers)
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    info = export_module(model, x[:1], tmp_path / "blocks.onnx", opset=opset)
+    assert info["quantized_layers"] == 8
+    proto = onnx.load(str(tmp_path / "blocks.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    calls = [n for n in proto.graph.node if n.domain == FUNCTION_DOMAIN]
+    assert len(calls) == 8
+    layer_calls = [n for n in calls if n.op_type.startswith("l")]
+    assert len(layer_calls) == 5, [n.op_type for n in calls]  # the first five: one decoder, SiLU after
+    assert not any(n.op_type in ("Sigmoid", "Conv") for n in proto.graph.node if n.output[0] in
+                   {o for c in layer_calls for o in c.output})
+    _assert_close(_run(tmp_path / "blocks.onnx", x), [expected])

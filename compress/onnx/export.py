@@ -562,6 +562,54 @@ def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[
     return len(functions)
 
 
+HALF_MIN_VALUES = 16  # an N-d float32 initializer stored as float16 + Cast saves 2 bytes a value; a Cast ~20
+
+
+def _half_where_exact(proto: Any, onnx: Any) -> int:
+    """float32 initializers whose values are all float16 values (an artifact that stores them in fp16, e.g.
+    biases, loads them as float32) are stored as float16 and cast back in the graph; runtimes fold the casts
+    at load, and the values are unchanged, bit for bit. Returns how many.
+
+    The vectors (biases) are concatenated into one float16 initializer, cast once and split into them (a
+    few bytes each); bigger tensors of HALF_MIN_VALUES values or more get a Cast each.
+    """
+    import numpy as np
+
+    graph = proto.graph
+    kept, vectors, nodes = [], [], []
+    for tensor in graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor) if tensor.data_type == onnx.TensorProto.FLOAT else None
+        half = None if array is None else array.astype(np.float16)
+        if half is None or not np.array_equal(half.astype(np.float32), array, equal_nan=True) \
+                or not np.array_equal(np.signbit(half), np.signbit(array)) or array.size == 0 \
+                or (array.ndim != 1 and array.size < HALF_MIN_VALUES):
+            kept.append(tensor)
+        elif array.ndim == 1:
+            vectors.append((tensor.name, half))
+        else:
+            kept.append(onnx.numpy_helper.from_array(half, tensor.name + "_h"))
+            nodes.append(onnx.helper.make_node("Cast", [tensor.name + "_h"], [tensor.name], to=onnx.TensorProto.FLOAT))
+    if len(vectors) == 1 and vectors[0][1].size < HALF_MIN_VALUES:
+        kept.append(onnx.numpy_helper.from_array(vectors[0][1].astype(np.float32), vectors[0][0]))
+        vectors = []
+    if len(vectors) == 1:
+        (name, half), = vectors
+        kept.append(onnx.numpy_helper.from_array(half, name + "_h"))
+        nodes.append(onnx.helper.make_node("Cast", [name + "_h"], [name], to=onnx.TensorProto.FLOAT))
+    elif vectors:
+        kept.append(onnx.numpy_helper.from_array(np.concatenate([h for _, h in vectors]), "_halves"))
+        nodes.append(onnx.helper.make_node("Constant", [], ["_halves_n"], value_ints=[h.size for _, h in vectors]))
+        nodes.append(onnx.helper.make_node("Cast", ["_halves"], ["_halves_f"], to=onnx.TensorProto.FLOAT))
+        nodes.append(onnx.helper.make_node("Split", ["_halves_f", "_halves_n"], [name for name, _ in vectors]))
+    if nodes:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        nodes += list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(vectors) + sum(n.op_type == "Cast" for n in nodes) - (len(vectors) > 0)
+
+
 def _short_names(proto: Any) -> None:
     """Every initializer and intermediate value gets a short name (graph inputs and outputs keep theirs)."""
     graph = proto.graph
@@ -651,6 +699,7 @@ def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, o
         _drop_default_attributes(proto, onnx)
         _functionize(proto, onnx, list(stored.values()), constants)
         _layer_functions(proto, onnx)
+        _half_where_exact(proto, onnx)
         _short_names(proto)
         _drop_default_attributes(proto, onnx)
         for key, value in (metadata or {}).items():

@@ -562,6 +562,124 @@ def _functionize(proto: Any, onnx: Any, layers: list[list[str]], constants: set[
     return len(functions)
 
 
+def _chains(function: Any) -> list[list[Any]]:
+    """The maximal chains of a function body: nodes (no Constants) each of whose single output is read only
+    by the next one, as its first input."""
+    uses: dict[str, int] = {}
+    for node in function.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for name in function.output:
+        uses[name] = uses.get(name, 0) + 1
+    by_first_input = {node.input[0]: node for node in function.node if node.input and node.op_type != "Constant"}
+
+    def next_of(node: Any) -> Any:
+        if len(node.output) != 1 or uses.get(node.output[0]) != 1:
+            return None
+        return by_first_input.get(node.output[0])
+
+    continued = {id(n) for n in (next_of(node) for node in function.node if node.op_type != "Constant") if n}
+    chains = []
+    for node in function.node:
+        if node.op_type == "Constant" or id(node) in continued:
+            continue
+        chain = [node]
+        while (following := next_of(chain[-1])) is not None:
+            chain.append(following)
+        chains.append(chain)
+    return chains
+
+
+def _shared_chains(proto: Any, onnx: Any, prefix: str = "d") -> int:
+    """Chains of nodes that recur in the decode functions (the unpacking of one bit plane: Unsqueeze,
+    BitShift, BitwiseAnd, Flatten, Slice, Cast) become functions of their own, called from the decode
+    functions; greedily, while that makes the file smaller. Returns how many."""
+    made = 0
+    while True:
+        functions = [f for f in proto.functions if f.name.startswith(prefix)]
+        candidates: dict[tuple, list[tuple[Any, list[Any], list[str]]]] = {}
+        for function in functions:
+            literal = {n.output[0]: n.attribute[0].SerializeToString() for n in function.node
+                       if n.op_type == "Constant" and len(n.attribute) == 1 and not n.attribute[0].ref_attr_name}
+            for chain in _chains(function):
+                # two forms: the body's literal constants built into the shared function, or all passed in
+                for generic in (False, True):
+                    signature: list[tuple] = []
+                    sides: list[str] = []
+                    for k, node in enumerate(chain):
+                        ins = tuple(("k", literal[i]) if i in literal and not generic else ("s",)
+                                    for i in node.input[1:])
+                        sides += [i for i in node.input[1:] if generic or i not in literal]
+                        signature.append((node.op_type, node.domain, tuple(a.SerializeToString() for a in node.attribute),
+                                          ins))
+                        if k >= 2:
+                            candidates.setdefault(tuple(signature), []).append((function, chain[:k + 1], list(sides)))
+        best, best_gain = None, 0
+        for signature, places in candidates.items():
+            if len({id(chain[0]) for _, chain, _ in places}) < 2:
+                continue
+            # bytes of the chains replaced - bytes of the calls - bytes of the new body (about)
+            body = sum(n.ByteSize() + 2 for n in places[0][1]) + 40 \
+                + sum(len(k[1]) + 12 for k in {i for sig in signature for i in sig[3] if i[0] == "k"})
+            gain = sum(sum(n.ByteSize() + 2 for n in chain) - (14 + 4 * len(sides)) for _, chain, sides in places) - body
+            if gain > best_gain:
+                best, best_gain = signature, gain
+        if best is None:
+            return made
+        places = candidates[best]
+        fname = f"u{made}"
+        _, chain, sides = places[0]
+        names = map(_base36, itertools.count())
+        inputs = [next(names)] + [next(names) for _ in sides]
+        body: list[Any] = []
+        literal_names: dict[bytes, str] = {}
+        current, side_iter = inputs[0], iter(inputs[1:])
+        for op, domain, attrs, ins in best:
+            node_inputs = [current]
+            for kind in ins:
+                if kind[0] == "k":
+                    if kind[1] not in literal_names:
+                        literal_names[kind[1]] = next(names)
+                        const = onnx.NodeProto(op_type="Constant", output=[literal_names[kind[1]]])
+                        attr = onnx.AttributeProto()
+                        attr.ParseFromString(kind[1])
+                        const.attribute.append(attr)
+                        body.insert(0, const)
+                    node_inputs.append(literal_names[kind[1]])
+                else:
+                    node_inputs.append(next(side_iter))
+            current = next(names)
+            node = onnx.NodeProto(op_type=op, domain=domain, input=node_inputs, output=[current])
+            for blob in attrs:
+                attr = onnx.AttributeProto()
+                attr.ParseFromString(blob)
+                node.attribute.append(attr)
+            body.append(node)
+        opsets = [onnx.helper.make_opsetid("", proto.opset_import[0].version)]
+        if any(n.domain == FUNCTION_DOMAIN for n in body):  # a chain that calls an earlier shared chain
+            opsets.append(onnx.helper.make_opsetid(FUNCTION_DOMAIN, 1))
+        proto.functions.append(onnx.helper.make_function(FUNCTION_DOMAIN, fname, inputs, [current], body, opsets))
+        # one rebuild of each body (its nodes are copied, so every chain of it is replaced in the same pass)
+        per_function: dict[int, tuple[Any, dict[int, Any], set[int]]] = {}
+        for function, chain, sides in places:
+            _, calls, drop = per_function.setdefault(id(function), (function, {}, set()))
+            if any(id(n) in drop for n in chain):
+                continue
+            # at the chain's last node: every input of the chain is there
+            calls[id(chain[-1])] = onnx.helper.make_node(fname, [chain[0].input[0], *sides], [chain[-1].output[0]],
+                                                        domain=FUNCTION_DOMAIN)
+            drop.update(id(n) for n in chain)
+        for function, calls, drop in per_function.values():
+            nodes = [calls.get(id(n), n) for n in function.node if id(n) not in drop or id(n) in calls]
+            used = {i for n in nodes for i in n.input} | set(function.output)
+            nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in used]
+            del function.node[:]
+            function.node.extend(nodes)
+            if not any(o.domain == FUNCTION_DOMAIN for o in function.opset_import):
+                function.opset_import.append(onnx.helper.make_opsetid(FUNCTION_DOMAIN, 1))
+        made += 1
+
+
 HALF_MIN_VALUES = 16  # an N-d float32 initializer stored as float16 + Cast saves 2 bytes a value; a Cast ~20
 
 
@@ -698,6 +816,7 @@ def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, o
             stored.setdefault(id(module), []).append(name)
         _drop_default_attributes(proto, onnx)
         _functionize(proto, onnx, list(stored.values()), constants)
+        _shared_chains(proto, onnx)
         _layer_functions(proto, onnx)
         _half_where_exact(proto, onnx)
         _short_names(proto)

@@ -7,12 +7,18 @@ few integer/float nodes and without any constant that grows with the weight:
 - unpacking a bit plane of width w: the uint8 bytes [r, n] are unsqueezed to [r, n, 1], shifted right by
   the 8/w constants (0, w, 2w, ...) and masked with 2^w - 1, then flattened to [r, n * 8/w] and cut to the
   columns (opset >= 18: BitShift + BitwiseAnd on uint8; older opsets: the same with integer Div and Mod on
-  int32); the planes of a 3/5/6/7-bit index are cast to int64, multiplied by 2^shift and added;
-- the row -> group map ("group-ids" or "order") is stored as the group of every row, one byte per row
-  (see `graph_tensors`), and gathers the row's codebook, scale and offset;
+  int32); a 3/5/6/7-bit index is split into its planes, which are cast to int64, multiplied by 2^shift and
+  added; 8-bit indices are one 8-bit plane;
+- the row -> group map: packed group ids are unpacked the same way; a row order ("order") is stored as the
+  group of every row, one byte per row (see `graph_tensors`); the map gathers the row's codebook, scale
+  and offset;
 - codebook values come from Gather / GatherElements into the fp16 codebooks (cast to float32), then the
   per-group scale and offset; NF4 uses its 16-entry table and per-block absmax (8-bit dynamic map and
   nested scales when double-quantized).
+
+Every form traces to the same nodes whatever its sizes (the cut is traced even when it keeps every column,
+"rows" and "flat" packing both end in a Reshape to the weight's shape): the export writes one decode
+function per form and passes the sizes as attributes of each layer's call (`compress.onnx.export`).
 """
 from __future__ import annotations
 

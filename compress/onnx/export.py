@@ -1,20 +1,36 @@
 """`export_onnx`: an artifact as one ONNX file that keeps the compressed weights compressed.
 
-Each quantized layer's stored tensors (packed uint8 indices, fp16 codebooks, scales, offsets, NF4 absmax;
-a row -> group map as one byte per row, see `compress.onnx.decode.graph_tensors`) are initializers of the
-graph, and the graph decodes them into the dense weight in front of the layer's Conv / Gemm / MatMul:
-BitShift + BitwiseAnd (or integer Div + Mod below opset 18) unpack the indices, Gather / GatherElements
-read the codebooks. The file is about the size of the artifact rather than of the dense model. A runtime
-that constant-folds (onnxruntime does, at session creation) decodes the weights once when it loads the
-model, so inference then costs what a dense export costs. `dense=True` writes the plain dense model.
+Each quantized layer's stored tensors (packed uint8 indices and group ids, fp16 codebooks, scales,
+offsets, NF4 absmax; see `compress.onnx.decode.graph_tensors`) are initializers of the graph, and the graph
+decodes them into the dense weight in front of the layer's Conv / Gemm / MatMul: BitShift + BitwiseAnd (or
+integer Div + Mod below opset 18) unpack the indices, Gather / GatherElements read the codebooks. The file
+is about the size of the artifact rather than of the dense model. A runtime that constant-folds
+(onnxruntime does, at session creation) decodes the weights once when it loads the model, so inference then
+costs what a dense export costs. `dense=True` writes the plain dense model.
 
 How the graph is made: the TorchScript exporter, `torch.onnx.export(..., dynamo=False)`, traces a wrapper
 whose forward takes the image AND the stored tensors as arguments; the quantized layers' weight property is
 swapped for `decode_traceable`, fed from those arguments. As graph inputs the stored tensors are not
 constants, so the exporter's constant folding (on: it folds the shape arithmetic around the decoder) cannot
-fold the decoding into dense weights; afterwards the inputs become initializers holding the stored values,
-small constants are shared, and value names are shortened (`_compact`): for a small model the graph's
-bookkeeping would otherwise weigh as much as its weights.
+fold the decoding into dense weights; afterwards the inputs become initializers holding the stored values.
+
+The exporter writes every layer's decoding out in full (~16 nodes a layer): for a small model that
+bookkeeping would weigh as much as the weights. So the exported graph is rewritten with ONNX model-local
+functions (FunctionProto, IR version 8; onnxruntime inlines them when it loads the model, then folds as
+before), in the domain FUNCTION_DOMAIN:
+- `_functionize`: the layers whose decodings have the same structure (the same stored form, up to sizes)
+  share one decode function "d<i>"; each layer is one call node, its sizes (shapes, slice bounds, bit
+  widths) the call's attributes;
+- `_shared_chains`: node chains that recur in the decode functions (one bit plane's unpacking, the
+  codebook lookup) become functions "u<i>" that those call;
+- `_layer_functions`: where a decode function feeds a Conv (and a SiLU after it) in at least
+  LAYER_FUNCTION_MIN layers, a layer function "l<i>" (decode call + Conv + SiLU) makes each such layer one
+  node;
+- `_half_where_exact`: float32 initializers that hold float16 values (what an artifact stores in fp16, e.g.
+  biases, loads as float32) are stored in fp16 and cast back by the graph;
+- small constants are shared, every value and initializer gets a short name, attributes that say the
+  default are dropped. The initializers' names are therefore not the artifact's tensor names: a layer's
+  stored tensors are the initializer inputs of its call node.
 Why not the dynamo exporter (torch 2.14's default): it needs onnxscript, which compress does not depend on,
 and it runs onnxscript's optimizer, whose constant folding may fold initializer-only subgraphs (small
 layers' whole decoders) back into dense constants. The TorchScript exporter's limits: opsets up to 20,
@@ -244,13 +260,13 @@ def _stored_to_initializers(proto: Any, onnx: Any, wrapper: _StoredAsInputs) -> 
 
 
 def _compact(proto: Any, onnx: Any, prefix: str = "model.") -> set[str]:
-    """Make the graph's bookkeeping small next to the weights it decodes.
+    """The first pass over the exported graph; returns the names of the small constants.
 
     The exporter names values and nodes after module paths and writes small constants (shapes, axes,
-    shifts, masks) as Constant nodes or as one initializer per use; in the decoding graph of a small model
-    that would weigh as much as the weights. Small constants become initializers, one per distinct value;
-    intermediate values get short names; node names and doc strings are dropped; the wrapper's `prefix` is
-    taken off the model's tensor names, so the initializers keep the artifact's tensor names.
+    shifts, masks) as Constant nodes or as one initializer per use. Small constants become initializers,
+    one per distinct value (`_functionize` reads them); intermediate values get short names; node names and
+    doc strings are dropped; the wrapper's `prefix` is taken off the model's tensor names (`_short_names`
+    renames everything at the end).
     """
     graph = proto.graph
     renamed: dict[str, str] = {}
@@ -361,8 +377,9 @@ def _layer_functions(proto: Any, onnx: Any) -> int:
     A layer function's body is the decode call (its attributes passed through), the Conv (strides, pads,
     dilations and group from the call; absent ones keep their defaults) and the Sigmoid + Mul of a SiLU;
     one is written per decode function and ending (with or without SiLU) that serves at least
-    LAYER_FUNCTION_MIN layers. The call takes the Conv's input, the stored tensors and the bias ("" when
-    the Conv has none).
+    LAYER_FUNCTION_MIN layers. The call takes the Conv's input, the stored tensors and the bias (convs with
+    and without one get different layer functions: onnxruntime does not fuse a BatchNormalization into a
+    Conv whose bias input is given as "").
     """
     graph = proto.graph
     inits = {t.name for t in graph.initializer}
@@ -376,22 +393,26 @@ def _layer_functions(proto: Any, onnx: Any) -> int:
         if node.domain == FUNCTION_DOMAIN and len(node.output) == 1:
             fused = _fused_consumers(node.output[0], consumers, graph_outputs, inits)
             if fused:
-                candidates.setdefault((node.op_type, len(fused)), []).append((node, fused))
+                # with and without bias apart: a Conv given an empty bias input is not fused with a
+                # BatchNormalization after it by onnxruntime
+                bias = len(fused[0].input) > 2 and bool(fused[0].input[2])
+                candidates.setdefault((node.op_type, len(fused), bias), []).append((node, fused))
     replaced: dict[int, Any] = {}
     removed: set[int] = set()
     functions = []
     A = onnx.AttributeProto
-    for (decoder, length), members in candidates.items():
+    for (decoder, length, has_bias), members in candidates.items():
         if len(members) < LAYER_FUNCTION_MIN:
             continue
         fname = f"l{len(functions)}"
         first = members[0][0]
         names = map(_base36, itertools.count())
-        x, stored, bias = next(names), [next(names) for _ in first.input], next(names)
+        x, stored = next(names), [next(names) for _ in first.input]
+        bias = [next(names)] if has_bias else []
         w, y = next(names), next(names)
         inner = onnx.helper.make_node(decoder, stored, [w], domain=FUNCTION_DOMAIN)
         inner.attribute.extend(A(name=a.name, ref_attr_name=a.name, type=a.type) for a in first.attribute)
-        conv = onnx.helper.make_node("Conv", [x, w, bias], [y])
+        conv = onnx.helper.make_node("Conv", [x, w, *bias], [y])
         conv.attribute.extend(A(name=name, ref_attr_name=ref, type=kind) for name, (ref, kind) in _CONV_REF_TYPES.items())
         nodes = [inner, conv]
         out = y
@@ -399,13 +420,13 @@ def _layer_functions(proto: Any, onnx: Any) -> int:
             sig, out = next(names), next(names)
             nodes += [onnx.helper.make_node("Sigmoid", [y], [sig]), onnx.helper.make_node("Mul", [y, sig], [out])]
         functions.append(onnx.helper.make_function(
-            FUNCTION_DOMAIN, fname, [x, *stored, bias], [out], nodes,
+            FUNCTION_DOMAIN, fname, [x, *stored, *bias], [out], nodes,
             [onnx.helper.make_opsetid("", proto.opset_import[0].version), onnx.helper.make_opsetid(FUNCTION_DOMAIN, 1)],
             attributes=[a.name for a in first.attribute] + [ref for ref, _ in _CONV_REF_TYPES.values()]))
         for call, fused in members:
             layer_conv = fused[0]
-            b = layer_conv.input[2] if len(layer_conv.input) > 2 else ""
-            new = onnx.helper.make_node(fname, [layer_conv.input[0], *call.input, b], [fused[-1].output[0]],
+            b = [layer_conv.input[2]] if has_bias else []
+            new = onnx.helper.make_node(fname, [layer_conv.input[0], *call.input, *b], [fused[-1].output[0]],
                                         domain=FUNCTION_DOMAIN)
             new.attribute.extend(call.attribute)
             new.attribute.extend(onnx.helper.make_attribute(_CONV_REF_TYPES[a.name][0],
@@ -775,6 +796,12 @@ def _drop_default_attributes(proto: Any, onnx: Any) -> None:
         node.attribute.extend(kept)
 
 
+def _has_subgraphs(proto: Any) -> bool:
+    """Whether a node holds a subgraph (If, Loop, Scan): the rewriting passes only read the top-level graph,
+    so such a graph keeps the exporter's decoding as it is."""
+    return any(a.type in (a.GRAPH, a.GRAPHS) for n in proto.graph.node for a in n.attribute)
+
+
 def _check_opset(opset: int | None) -> int:
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -811,16 +838,17 @@ def export_module(model: nn.Module, example: torch.Tensor, out: str | Path, *, o
         proto = onnx.load(str(tmp))
         _stored_to_initializers(proto, onnx, wrapper)
         constants = _compact(proto, onnx)
-        stored: dict[int, list[str]] = {}
-        for module, _, name, _ in wrapper.slots:
-            stored.setdefault(id(module), []).append(name)
-        _drop_default_attributes(proto, onnx)
-        _functionize(proto, onnx, list(stored.values()), constants)
-        _shared_chains(proto, onnx)
-        _layer_functions(proto, onnx)
-        _half_where_exact(proto, onnx)
-        _short_names(proto)
-        _drop_default_attributes(proto, onnx)
+        if layers and not _has_subgraphs(proto):  # a dense model (dense=True) is written as before
+            stored: dict[int, list[str]] = {}
+            for module, _, name, _ in wrapper.slots:
+                stored.setdefault(id(module), []).append(name)
+            _drop_default_attributes(proto, onnx)
+            _functionize(proto, onnx, list(stored.values()), constants)
+            _shared_chains(proto, onnx)
+            _layer_functions(proto, onnx)
+            _half_where_exact(proto, onnx)
+            _short_names(proto)
+            _drop_default_attributes(proto, onnx)
         for key, value in (metadata or {}).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto)

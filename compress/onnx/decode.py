@@ -9,9 +9,9 @@ few integer/float nodes and without any constant that grows with the weight:
   columns (opset >= 18: BitShift + BitwiseAnd on uint8; older opsets: the same with integer Div and Mod on
   int32); a 3/5/6/7-bit index is split into its planes, which are cast to int64, multiplied by 2^shift and
   added; 8-bit indices are one 8-bit plane;
-- the row -> group map: packed group ids are unpacked the same way; a row order ("order") is stored as the
-  group of every row, one byte per row (see `graph_tensors`); the map gathers the row's codebook, scale
-  and offset;
+- the row -> group map: packed group ids (layers of PACKED_GROUP_IDS_MIN_ROWS rows or more) are unpacked
+  the same way; otherwise the map, and always a row order ("order"), is stored as the group of every row,
+  one byte per row (see `graph_tensors`); the map gathers the row's codebook, scale and offset;
 - codebook values come from Gather / GatherElements into the fp16 codebooks (cast to float32), then the
   per-group scale and offset; NF4 uses its 16-entry table and per-block absmax (8-bit dynamic map and
   nested scales when double-quantized).
@@ -94,16 +94,28 @@ def _group_dtype(groups: int) -> torch.dtype:
     return torch.uint8 if groups <= 256 else torch.int16 if groups <= 32767 else torch.int32
 
 
+# group ids stay packed (and are unpacked by the graph) for layers of at least this many rows; smaller
+# layers store the group of every row, one byte per row. Measured on the demo detector (51 group-id layers
+# of 10..90 rows): packed ids everywhere made the file 1.0 kB bigger (each call then carries the ids'
+# split and cut sizes, ~20 bytes, and the decode functions grow) and onnxruntime's session creation
+# ~0.1 s slower (1.6x the nodes to fold); a layer of R rows and b-bit ids saves R * (8 - b) / 8 bytes.
+PACKED_GROUP_IDS_MIN_ROWS = 256
+
+
 def graph_tensors(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the graph stores for a layer: its stored tensors (the packed group ids too, unpacked in
-    the graph like the indices), except that a row order (row_map "order") becomes `row_group`, the group
-    of every row (uint8 [R] for <= 256 groups: no bigger than the int16 order, and no scatter in the graph).
+    """The tensors the graph stores for a layer: its stored tensors, except that a row -> group map becomes
+    `row_group`, the group of every row (uint8 [R] for <= 256 groups), for a row order (row_map "order":
+    no bigger than the int16 order, and no scatter in the graph) and for group ids of a layer with fewer
+    than PACKED_GROUP_IDS_MIN_ROWS rows (bigger layers keep them packed; the graph unpacks them like the
+    indices).
     """
-    if layout.get("format") != "codebook" or layout.get("row_map") != "order":
+    if layout.get("format") != "codebook" or layout.get("row_map") not in ("group-ids", "order"):
+        return dict(buffers)
+    if layout["row_map"] == "group-ids" and matrix_shape(layout["shape"])[0] >= PACKED_GROUP_IDS_MIN_ROWS:
         return dict(buffers)
     from compress.format.weights import row_groups
 
-    out = {k: v for k, v in buffers.items() if k != "order"}
+    out = {k: v for k, v in buffers.items() if k not in ("group_ids", "order")}
     out["row_group"] = row_groups(layout, buffers).to(_group_dtype(layout["groups"]))
     return out
 
@@ -153,12 +165,14 @@ def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], b
     bits, groups, kind = layout["bits"], layout["groups"], layout["codebook"]
     idx = _unpack_matrix(buffers["packed"], bits, layout["shape"], layout["packing"], bitops)
     # group of every row (int64 [R]); None when row r is in group r or when there is a single group
-    if layout["row_map"] == "order" and "row_group" not in buffers:
-        raise ValueError("row_map 'order' needs 'row_group': pass graph_tensors(layout, stored)")
-    if layout["row_map"] == "group-ids":
+    if layout["row_map"] in ("group-ids", "order") and not {"row_group", "group_ids"} & set(buffers):
+        raise ValueError(f"row_map {layout['row_map']!r} needs 'row_group': pass graph_tensors(layout, stored)")
+    if "row_group" in buffers:
+        g = buffers["row_group"].to(torch.int64)
+    elif layout["row_map"] == "group-ids":
         g = unpack_traceable(buffers["group_ids"], id_bits(groups), 1, rows, bitops).reshape(-1)
     else:
-        g = buffers["row_group"].to(torch.int64) if "row_group" in buffers else None
+        g = None
     if kind == "grid":
         w = idx.to(torch.float32)
     elif kind == "shared":

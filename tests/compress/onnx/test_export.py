@@ -22,7 +22,7 @@ from compress.format.artifact import write_artifact
 from compress.models import build_model
 from compress.onnx import OnnxExportError, export_module, export_onnx
 from compress.onnx.export import FUNCTION_DOMAIN
-from compress.onnx.decode import decode_traceable, graph_tensors, unpack_traceable
+from compress.onnx.decode import PACKED_GROUP_IDS_MIN_ROWS, decode_traceable, graph_tensors, unpack_traceable
 from compress.format.restorers import PLAN_FORMAT
 from compress.format.weights import decode, encode_codebook, matrix_shape, row_packing
 from compress.format.layers import attach_quantized, quantized_modules
@@ -193,9 +193,12 @@ def test_unpack_matches_packing(bits: int, bitops: bool) -> None:
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-" + "-".join(f"{k}={w}" for k, w in v[1].items()))
 def test_traceable_decode_is_exact(variant: tuple[str, dict[str, Any]], bitops: bool) -> None:
     gen = torch.Generator().manual_seed(0)
-    for shape in [(12, 6, 3, 3), (7, 5), (40, 3, 3, 3)]:
+    for shape in [(12, 6, 3, 3), (7, 5), (40, 3, 3, 3), (PACKED_GROUP_IDS_MIN_ROWS + 3, 5)]:  # the last: ids packed
         layout, buffers = _stored(shape, variant, gen)
-        assert torch.equal(decode_traceable(layout, graph_tensors(layout, buffers), bitops), decode(layout, buffers))
+        tensors = graph_tensors(layout, buffers)
+        if layout.get("row_map") == "group-ids":
+            assert ("group_ids" in tensors) == (shape[0] >= PACKED_GROUP_IDS_MIN_ROWS)
+        assert torch.equal(decode_traceable(layout, tensors, bitops), decode(layout, buffers))
 
 
 # --- export + onnxruntime ---------------------------------------------------------------------------------
@@ -221,7 +224,10 @@ def test_packed_export_keeps_weights_packed_and_matches_load(classifier: Path, t
                                onnx.TensorProto.FLOAT) for t in stored)
     assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in stored) >= 8  # codebooks, scales, offsets
     stored_bytes = sum(v.numel() * v.element_size() for m in layers.values() for v in m.quant_buffers().values())
-    assert sum(len(t.raw_data) for t in stored) <= stored_bytes  # nothing unpacked (the row order even shrinks)
+    # nothing unpacked but the group ids of small layers, one byte per row (the int16 row order shrinks)
+    row_bytes = sum(matrix_shape(m.quant_layout["shape"])[0] for m in layers.values()
+                    if m.quant_layout.get("row_map") == "group-ids")
+    assert sum(len(t.raw_data) for t in stored) <= stored_bytes + row_bytes
     # 32-bit floats in the graph: BN parameters, biases, NF4 absmax, ... never a decoded weight
     floats = sum(math.prod(t.dims) for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT)
     assert floats < sum(math.prod(m.quant_layout["shape"]) for m in layers.values()) / 4
@@ -381,8 +387,11 @@ class _FoldedBlocks(nn.Module):
         return self.head(torch.relu(self.extra(self.blocks(x))))
 
 
-@pytest.mark.parametrize("opset", [18, 17])
-def test_folded_conv_blocks_become_layer_functions(tmp_path: Path, opset: int) -> None:
+@pytest.mark.parametrize("opset, packed_ids", [(18, False), (17, False), (18, True)])
+def test_folded_conv_blocks_become_layer_functions(tmp_path: Path, opset: int, packed_ids: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if packed_ids:  # every layer's group ids stay packed and are unpacked by the graph
+        monkeypatch.setattr("compress.onnx.decode.PACKED_GROUP_IDS_MIN_ROWS", 1)
     torch.manual_seed(0)
     model = _FoldedBlocks().eval()
     gen = torch.Generator().manual_seed(0)
@@ -407,6 +416,9 @@ def test_folded_conv_blocks_become_layer_functions(tmp_path: Path, opset: int) -
     assert len(layer_calls) == 5, [n.op_type for n in calls]  # the first five: one decoder, SiLU after
     assert not any(n.op_type in ("Sigmoid", "Conv") for n in proto.graph.node if n.output[0] in
                    {o for c in layer_calls for o in c.output})
+    group_ids = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2
+                 and t.dims[0] == 1 and t.dims[1] <= 6]  # [1, ceil(rows * 2 / 8)]: 3 groups, 2-bit ids
+    assert bool(group_ids) == packed_ids
     # the fp16 biases are stored in fp16 (one vector, cast and split in the graph)
     assert not any(t.data_type == onnx.TensorProto.FLOAT for t in proto.graph.initializer)
     _assert_close(_run(tmp_path / "blocks.onnx", x), [expected])

@@ -1,7 +1,8 @@
 """`export_onnx`: an artifact as one ONNX file that keeps the compressed weights compressed.
 
-Each quantized layer's stored tensors (packed uint8 indices and group ids, fp16 codebooks, scales,
-offsets, NF4 absmax; see `compress.onnx.decode.graph_tensors`) are initializers of the graph, and the graph
+Each quantized layer's stored tensors (packed uint8 indices, fp16 codebooks, scales, offsets, NF4 absmax;
+a row -> group map packed in big layers, one byte per row in small ones, see
+`compress.onnx.decode.graph_tensors`) are initializers of the graph, and the graph
 decodes them into the dense weight in front of the layer's Conv / Gemm / MatMul: BitShift + BitwiseAnd (or
 integer Div + Mod below opset 18) unpack the indices, Gather / GatherElements read the codebooks. The file
 is about the size of the artifact rather than of the dense model. A runtime that constant-folds

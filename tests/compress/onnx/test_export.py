@@ -21,7 +21,8 @@ import compress
 from compress.format.artifact import write_artifact
 from compress.models import build_model
 from compress.onnx import OnnxExportError, export_module, export_onnx
-from compress.onnx.decode import decode_traceable, graph_tensors, unpack_traceable
+from compress.onnx.export import FUNCTION_DOMAIN
+from compress.onnx.decode import PACKED_GROUP_IDS_MIN_ROWS, decode_traceable, graph_tensors, unpack_traceable
 from compress.format.restorers import PLAN_FORMAT
 from compress.format.weights import decode, encode_codebook, matrix_shape, row_packing
 from compress.format.layers import attach_quantized, quantized_modules
@@ -144,6 +145,11 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_artifact(path, "compress:yolo-n", {}, "detection", 32, num_classes=3, skip=5)
 
 
+def _ops(proto: Any) -> set[str]:
+    """The op types of the graph and of its functions' bodies."""
+    return {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+
+
 def _run(onnx_path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -187,9 +193,12 @@ def test_unpack_matches_packing(bits: int, bitops: bool) -> None:
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-" + "-".join(f"{k}={w}" for k, w in v[1].items()))
 def test_traceable_decode_is_exact(variant: tuple[str, dict[str, Any]], bitops: bool) -> None:
     gen = torch.Generator().manual_seed(0)
-    for shape in [(12, 6, 3, 3), (7, 5), (40, 3, 3, 3)]:
+    for shape in [(12, 6, 3, 3), (7, 5), (40, 3, 3, 3), (PACKED_GROUP_IDS_MIN_ROWS + 3, 5)]:  # the last: ids packed
         layout, buffers = _stored(shape, variant, gen)
-        assert torch.equal(decode_traceable(layout, graph_tensors(layout, buffers), bitops), decode(layout, buffers))
+        tensors = graph_tensors(layout, buffers)
+        if layout.get("row_map") == "group-ids":
+            assert ("group_ids" in tensors) == (shape[0] >= PACKED_GROUP_IDS_MIN_ROWS)
+        assert torch.equal(decode_traceable(layout, tensors, bitops), decode(layout, buffers))
 
 
 # --- export + onnxruntime ---------------------------------------------------------------------------------
@@ -204,18 +213,25 @@ def test_packed_export_keeps_weights_packed_and_matches_load(classifier: Path, t
     assert info["opset"] == 18 and info["outputs"] == ["output"] and info["quantized_layers"] == 11
 
     proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
+    onnx.checker.check_model(proto, full_check=True)
     inits = {t.name: t for t in proto.graph.initializer}
     layers = quantized_modules(compress.load(classifier))
-    for name in layers:
-        assert f"{name}.weight" not in inits, f"{name}: dense weight in the graph"
-        assert inits[f"{name}.weight_packed"].data_type == onnx.TensorProto.UINT8
-    assert inits["stem.0.weight_codebook"].data_type == onnx.TensorProto.FLOAT16
+    # one call of a model-local decode function per quantized layer, fed by its stored tensors
+    calls = [n for n in proto.graph.node if n.domain == FUNCTION_DOMAIN]
+    assert len(calls) == len(layers)
+    stored = [inits[name] for n in calls for name in n.input if name in inits]
+    assert all(t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT16,
+                               onnx.TensorProto.FLOAT) for t in stored)
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in stored) >= 8  # codebooks, scales, offsets
+    stored_bytes = sum(v.numel() * v.element_size() for m in layers.values() for v in m.quant_buffers().values())
+    # nothing unpacked but the group ids of small layers, one byte per row (the int16 row order shrinks)
+    row_bytes = sum(matrix_shape(m.quant_layout["shape"])[0] for m in layers.values()
+                    if m.quant_layout.get("row_map") == "group-ids")
+    assert sum(len(t.raw_data) for t in stored) <= stored_bytes + row_bytes
     # 32-bit floats in the graph: BN parameters, biases, NF4 absmax, ... never a decoded weight
     floats = sum(math.prod(t.dims) for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT)
     assert floats < sum(math.prod(m.quant_layout["shape"]) for m in layers.values()) / 4
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"BitShift", "BitwiseAnd", "GatherElements", "Gather"} <= ops, ops
+    assert {"BitShift", "BitwiseAnd", "GatherElements", "Gather"} <= _ops(proto), _ops(proto)
 
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # batch 3: the batch axis is dynamic
     _assert_close(_run(out, x), _reference(classifier, x))
@@ -235,7 +251,7 @@ def test_older_opset_decodes_with_integer_arithmetic(classifier: Path, tmp_path:
     info = export_onnx(classifier, out, opset=13)
     proto = onnx.load(str(out))
     assert info["opset"] == 13 and proto.opset_import[0].version == 13
-    ops = {n.op_type for n in proto.graph.node}
+    ops = _ops(proto)
     assert "BitwiseAnd" not in ops and {"Div", "Mod"} <= ops, ops
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     _assert_close(_run(out, x), _reference(classifier, x))
@@ -245,8 +261,22 @@ def test_detector_exports_every_output_map(detector: Path, tmp_path: Path) -> No
     out = tmp_path / "yolo.onnx"
     info = export_onnx(detector, out)
     assert info["outputs"] == ["output0", "output1", "output2"]
-    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    # 59 quantized layers in the 13 stored forms of VARIANTS: one decode function per form, one call per layer
+    assert sum(n.domain == FUNCTION_DOMAIN for n in proto.graph.node) == 59
+    decoders = [f for f in proto.functions if f.name.startswith("d")]
+    assert len(decoders) <= len(VARIANTS), [f.name for f in decoders]
     assert meta["task"] == "detection" and meta["strides"] == "8,16,32" and meta["compress_form"] == "packed"
+    # onnxruntime folds the decoding at session creation (and still fuses every BatchNormalization into its
+    # Conv, also inside layer functions): the optimized graph is the dense model's
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    optimized = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not optimized & {"BitShift", "BitwiseAnd", "GatherElements", "BatchNormalization"}, optimized
+    assert any(f.name.startswith("l") for f in proto.functions)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     got = _run(out, x)
     assert [g.shape for g in got] == [(2, 7, 4, 4), (2, 7, 2, 2), (2, 7, 1, 1)]
@@ -337,3 +367,58 @@ def test_export_module_with_quantized_attention(tmp_path: Path) -> None:
     info = export_module(model, x[:1], tmp_path / "attn.onnx")
     assert info["quantized_layers"] == 4 and info["outputs"] == ["output"]
     _assert_close(_run(tmp_path / "attn.onnx", x), [expected])
+
+
+class _FoldedBlocks(nn.Module):
+    """Convs with biases and SiLU (BatchNorm folded into the convs), in several geometries, and a plain
+    conv head: the layers that the export folds into layer functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def block(cin: int, cout: int, k: int, **kw: Any) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, **kw), nn.SiLU())
+        self.blocks = nn.Sequential(block(3, 8, 3, padding=1), block(8, 16, 3, stride=2, padding=1),
+                                    block(16, 16, 1), block(16, 16, 3, padding=2, dilation=2, groups=4),
+                                    block(16, 24, 3, stride=2, padding=1), block(24, 24, 1))
+        self.extra = nn.Conv2d(24, 24, 1, bias=False)  # no bias, no activation
+        self.head = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.extra(self.blocks(x))))
+
+
+@pytest.mark.parametrize("opset, packed_ids", [(18, False), (17, False), (18, True)])
+def test_folded_conv_blocks_become_layer_functions(tmp_path: Path, opset: int, packed_ids: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if packed_ids:  # every layer's group ids stay packed and are unpacked by the graph
+        monkeypatch.setattr("compress.onnx.decode.PACKED_GROUP_IDS_MIN_ROWS", 1)
+    torch.manual_seed(0)
+    model = _FoldedBlocks().eval()
+    gen = torch.Generator().manual_seed(0)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        with torch.no_grad():
+            if conv.bias is not None:  # fp16 values, as an artifact that stores biases in fp16 loads them
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen).mul(0.1).half().float())
+        variant = VARIANTS[0] if i < 5 else VARIANTS[8]  # 3-bit group ids; 2-bit with scale and offset
+        layout, buffers = _stored(tuple(conv.weight.shape), variant, gen)
+        attach_quantized(conv, layout, buffers)
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    info = export_module(model, x[:1], tmp_path / "blocks.onnx", opset=opset)
+    assert info["quantized_layers"] == 8
+    proto = onnx.load(str(tmp_path / "blocks.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    calls = [n for n in proto.graph.node if n.domain == FUNCTION_DOMAIN]
+    assert len(calls) == 8
+    layer_calls = [n for n in calls if n.op_type.startswith("l")]
+    assert len(layer_calls) == 5, [n.op_type for n in calls]  # the first five: one decoder, SiLU after
+    assert not any(n.op_type in ("Sigmoid", "Conv") for n in proto.graph.node if n.output[0] in
+                   {o for c in layer_calls for o in c.output})
+    group_ids = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2
+                 and t.dims[0] == 1 and t.dims[1] <= 6]  # [1, ceil(rows * 2 / 8)]: 3 groups, 2-bit ids
+    assert bool(group_ids) == packed_ids
+    # the fp16 biases are stored in fp16 (one vector, cast and split in the graph)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT for t in proto.graph.initializer)
+    _assert_close(_run(tmp_path / "blocks.onnx", x), [expected])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.models.protocol import eval_forward_with_hooks
+from compress.models.protocol import eval_forward_with_hooks, flat_tensors, map_tensors, raw_outputs
 
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm", "remove_batchnorms"]
 
@@ -68,14 +68,63 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _autograd_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
+    """Pairs from one forward with autograd on (for models torch.fx cannot trace): a BN whose input is a conv's
+    output tensor, where that tensor's autograd node feeds exactly one other node (the BN's) in the graph
+    behind the model's outputs, so nothing else reads the conv's output."""
+    modules = dict(model.named_modules())
+    made: dict[str, Any] = {}
+    read: dict[str, Any] = {}
+    handles = []
+    # autograd nodes are taken when each module returns: an in-place op afterwards (SiLU(inplace=True)) moves a
+    # tensor's grad_fn on
+    for name, module in modules.items():
+        if isinstance(module, _CONVS):
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, name=name: made.setdefault(name, []).append(
+                    (out, out.grad_fn if torch.is_tensor(out) else None))))
+        elif isinstance(module, _NORMS):
+            handles.append(module.register_forward_hook(
+                lambda _m, args, out, name=name: read.setdefault(name, []).append(
+                    (args[0] if args and torch.is_tensor(args[0]) else None,
+                     args[0].grad_fn if args and torch.is_tensor(args[0]) else None,
+                     out.grad_fn if torch.is_tensor(out) else None))))
+    inputs = map_tensors(batch, lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
+    with torch.enable_grad(), raw_outputs(model):
+        outputs = eval_forward_with_hooks(model, inputs, handles)
+    # how many edges of the autograd graph behind the outputs lead into each node
+    edges: dict[Any, int] = {}
+    seen, stack = set(), [t.grad_fn for t in flat_tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                edges[parent] = edges.get(parent, 0) + 1
+                stack.append(parent)
+    by_node = {outs[0][1]: name for name, outs in made.items() if len(outs) == 1 and outs[0][1] is not None}
+    pairs = []
+    for bn, calls in read.items():
+        if len(calls) != 1:
+            continue
+        _, in_node, out_node = calls[0]
+        if in_node in by_node and edges.get(in_node) == 1 and out_node in seen \
+                and any(parent is in_node for parent, _ in out_node.next_functions):
+            pairs.append((by_node[in_node], bn))
+    return pairs
+
+
 @torch.no_grad()
 def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     """(conv name, BN name) of every BN that reads a conv's output which nothing else reads: from a torch.fx
-    trace of the model, else (not traceable) from convs followed by a BN in an nn.Sequential; each pair is
-    also checked on `batch` (the BN's input is the conv's output tensor, each called once)."""
+    trace of the model, else (not traceable) from the autograd graph of one forward, else from convs followed
+    by a BN in an nn.Sequential; each pair is also checked on `batch` (the BN's input is the conv's output
+    tensor, each called once)."""
     candidates = _fx_pairs(model)
     if candidates is None:
-        candidates = _sequential_pairs(model)
+        candidates = _autograd_pairs(model, batch) or _sequential_pairs(model)
     produced: dict[str, list[int]] = {}
     read: dict[str, list[int]] = {}
     keep: list[torch.Tensor] = []  # tensors stay alive during the pass, so their ids are not reused

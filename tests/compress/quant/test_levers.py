@@ -164,3 +164,37 @@ def test_remove_batchnorms_takes_only_exact_folds_into_quantized_convs() -> None
     with torch.no_grad():
         assert torch.allclose(pre(x), want_pre, atol=1e-5, rtol=1e-5)
         assert torch.equal(late(x), want_late)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it), an in-place activation after a BN, and a conv whose
+    output a BN and a residual both read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x)))
+        if float(y.mean()) > -1e9:  # data-dependent
+            y = y * 1.0
+        z = self.conv2(y)
+        return self.bn2(z) + z
+
+
+def test_pairs_of_an_untraceable_model_come_from_the_autograd_graph() -> None:
+    torch.manual_seed(0)
+    net = Untraceable().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(net)
+    assert find_conv_bn_pairs(net, x) == [("conv", "bn")], "the twice-read conv2 output is left alone"
+    folded = copy.deepcopy(net)
+    from compress.quant.fold import remove_batchnorms
+
+    assert remove_batchnorms(folded, x) == [["conv", "bn"]]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)

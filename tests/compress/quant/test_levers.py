@@ -177,7 +177,7 @@ class Untraceable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn(self.conv(x)))
-        if float(y.mean()) > -1e9:  # data-dependent
+        if float(y.detach().mean()) > -1e9:  # data-dependent
             y = y * 1.0
         z = self.conv2(y)
         return self.bn2(z) + z

@@ -46,17 +46,19 @@ def fork_run(run_dir: Path, dest: Path, keep: int) -> None:
     (dest / "report.json").write_text(json.dumps(report, indent=1))
 
 
-def run_variant(recipe_path: Path, run_dir: Path, dest: Path, overrides: list[str]) -> dict[str, Any]:
+def run_variant(recipe_path: Path, run_dir: Path, dest: Path, overrides: list[str],
+                base: list[str] = ()) -> dict[str, Any]:
     from compress.format.breakdown import byte_breakdown
     from compress.pipeline import run
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, list(base))
     names = [next(iter(s)) for s in recipe.to_dict()["stages"]]
     q = names.index("quantize")
     fork_run(run_dir, dest, q)
     start = time.perf_counter()
-    report = run(load_recipe(recipe_path, [f"stages.{q}.quantize.{o}" for o in overrides]), dest, resume=True)
+    report = run(load_recipe(recipe_path, [*base, *(f"stages.{q}.quantize.{o}" for o in overrides)]), dest,
+                 resume=True)
     seconds = time.perf_counter() - start
     base, quant, last = report["stages"][0], report["stages"][q], report["stages"][-1]
     metric = "map50" if "map50" in last["metrics"] else "top1"
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--variant", nargs="*", default=[],
                         help="extra variants: 'key=value,key=value@BITS' quantize overrides at BITS")
     parser.add_argument("--out", type=Path, required=True, help="folder for the forked runs and the tables")
+    parser.add_argument("--set", dest="base", nargs="*", default=[],
+                        help="recipe overrides the run was made with (e.g. seed=1), as `compress run --set`")
     args = parser.parse_args()
 
     import torch
@@ -104,7 +108,7 @@ def main() -> None:
     rows = []
     for overrides in variants:
         name = "_".join(o.replace("=", "") for o in overrides)
-        row = run_variant(args.recipe, args.run_dir, args.out / name, overrides)
+        row = run_variant(args.recipe, args.run_dir, args.out / name, overrides, args.base)
         rows.append(row)
         print(f"{' '.join(overrides)}: {row['metric']} {row['value']:.4f} (drop {row['drop']:+.4f}), "
               f"{row['file_bytes']:,} bytes ({row['ratio']:.1f}x fp32), {row['bits_per_weight']:.2f} bits/param "

@@ -23,6 +23,7 @@ The paper's code is not public; what follows is our reading [open], step by step
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -206,6 +207,29 @@ def _basis(idx: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _rows_times_h(keys: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor, h: torch.Tensor,
+                  out_rows: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_e coef[e] * h[cols[e]] grouped by keys[e]: one sparse (CSR) x dense product, whose cost is
+    entries x C (a gather of rows of H and an index_add cost the same twice over, with a copy of every row).
+    Returns the dense [out_rows, C] result when out_rows is given, else (the touched keys [U], their rows [U, C])."""
+    if keys.numel() > 1 and bool((keys[1:] < keys[:-1]).any()):
+        order = torch.argsort(keys, stable=True)
+        keys, cols, coef = keys[order], cols[order], coef[order]
+    if out_rows:
+        uniq = None
+        counts = torch.bincount(keys, minlength=out_rows)
+    else:
+        uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=h.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        sparse = torch.sparse_csr_tensor(crow, cols.to(torch.int64), coef.to(h.dtype), size=(counts.numel(), h.shape[0]),
+                                         check_invariants=False)
+        product = sparse @ h
+    return product if uniq is None else (uniq, product)
+
+
 class _JointLearner:
     """State of one layer's joint learning: codebook parameters (Adam), mapping, EMA scores, and the cached
     products W^ H (z) and basis B that make a step cheap. Loss L = (sum_r w^_r H w^_r - 2 w^_r P_r + E) / E
@@ -218,6 +242,7 @@ class _JointLearner:
         self.k = tables.shape[1]
         self.h = stats.H
         self.g_in = stats.H.shape[0]
+        self.h_stacked = self.h.reshape(self.g_in * self.h.shape[1], self.h.shape[2])  # [g C, C]
         self.per_in = self.rows // self.g_in
         self.in_group = torch.arange(self.rows, device=w.device) // self.per_in
         self.idx, self.row_group, self.unit = idx, row_group, unit
@@ -272,31 +297,30 @@ class _JointLearner:
 
     # -- sparse updates --------------------------------------------------------------------------------------
     def sparse_h(self, r: torch.Tensor, j: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """D H for the sparse D [R, C] holding coef at (r, j): few entries as a sum of rows of H (chunked), many
-        as a dense matmul (faster per entry)."""
+        """D H for the sparse D [R, C] holding coef at (r, j): one sparse x dense product (row r of D multiplies
+        its input group's H: the groups' H are stacked and D's columns offset by group), or, when nearly every
+        row holds many entries, a dense matmul (faster per entry)."""
         rows, cols = self.rows, self.cols
-        if r.numel() * 32 > rows * cols:
+        if r.numel() * 16 > rows * cols:
             dense = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
             dense[r, j] = coef
             return torch.bmm(dense.reshape(self.g_in, self.per_in, cols), self.h).reshape(rows, cols)
-        out = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
-        chunk = max(1, (1 << 22) // cols)
-        for a in range(0, r.numel(), chunk):
-            rr, jj = r[a:a + chunk], j[a:a + chunk]
-            out.index_add_(0, rr, coef[a:a + chunk, None] * self.h[self.in_group[rr], jj])
-        return out
+        return _rows_times_h(r, self._stacked_cols(r, j), coef, self.h_stacked, rows)
+
+    def _stacked_cols(self, r: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Columns of the stacked H [g C, C] that rows r read for input j."""
+        return j if self.g_in == 1 else self.in_group[r] * self.cols + j
 
     def move(self, new: torch.Tensor, r: torch.Tensor, j: torch.Tensor, d_h: torch.Tensor) -> None:
         """Take the index changes at (r, j) (new mapping `new`) whose effect on W^ H is d_h."""
         if self.basis is not None and r.numel():
+            # B[old, r] -= H[j], B[new, r] += H[j] for every move, as one sparse product over the touched rows
             flat = self.basis.view(self.k * self.rows, self.cols)
-            old, now = self.idx[r, j], new[r, j]
-            chunk = max(1, (1 << 22) // self.cols)
-            for a in range(0, r.numel(), chunk):
-                rr, jj = r[a:a + chunk], j[a:a + chunk]
-                rows_h = self.h[self.in_group[rr], jj]
-                flat.index_add_(0, old[a:a + chunk] * self.rows + rr, rows_h, alpha=-1.0)
-                flat.index_add_(0, now[a:a + chunk] * self.rows + rr, rows_h)
+            keys = torch.cat([self.idx[r, j] * self.rows + r, new[r, j] * self.rows + r])
+            signs = torch.cat([torch.full_like(r, -1), torch.ones_like(r)]).to(self.w.dtype)
+            stacked = self._stacked_cols(r, j)
+            touched, rows_delta = _rows_times_h(keys, torch.cat([stacked, stacked]), signs, self.h_stacked, 0)
+            flat.index_add_(0, touched, rows_delta)
         self.idx = new
         self.wq = torch.gather(self.tr, 1, new)
         self.z = self.z + d_h  # exact: H is fixed

@@ -301,7 +301,7 @@ class _JointLearner:
         its input group's H: the groups' H are stacked and D's columns offset by group), or, when nearly every
         row holds many entries, a dense matmul (faster per entry)."""
         rows, cols = self.rows, self.cols
-        if r.numel() * 16 > rows * cols:
+        if r.numel() * 32 > rows * cols:
             dense = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
             dense[r, j] = coef
             return torch.bmm(dense.reshape(self.g_in, self.per_in, cols), self.h).reshape(rows, cols)
@@ -313,14 +313,23 @@ class _JointLearner:
 
     def move(self, new: torch.Tensor, r: torch.Tensor, j: torch.Tensor, d_h: torch.Tensor) -> None:
         """Take the index changes at (r, j) (new mapping `new`) whose effect on W^ H is d_h."""
-        if self.basis is not None and r.numel():
-            # B[old, r] -= H[j], B[new, r] += H[j] for every move, as one sparse product over the touched rows
+        if self.basis is not None and r.numel() * 100 > self.rows * self.cols:
+            # many moves: B[old, r] -= H[j], B[new, r] += H[j] as one sparse product over the touched rows
             flat = self.basis.view(self.k * self.rows, self.cols)
             keys = torch.cat([self.idx[r, j] * self.rows + r, new[r, j] * self.rows + r])
             signs = torch.cat([torch.full_like(r, -1), torch.ones_like(r)]).to(self.w.dtype)
             stacked = self._stacked_cols(r, j)
             touched, rows_delta = _rows_times_h(keys, torch.cat([stacked, stacked]), signs, self.h_stacked, 0)
             flat.index_add_(0, touched, rows_delta)
+        elif self.basis is not None and r.numel():  # few: rows of H added and taken away (cost: moves x C)
+            flat = self.basis.view(self.k * self.rows, self.cols)
+            old, now = self.idx[r, j], new[r, j]
+            chunk = max(1, (1 << 22) // self.cols)
+            for a in range(0, r.numel(), chunk):
+                rr, jj = r[a:a + chunk], j[a:a + chunk]
+                rows_h = self.h[self.in_group[rr], jj]
+                flat.index_add_(0, old[a:a + chunk] * self.rows + rr, rows_h, alpha=-1.0)
+                flat.index_add_(0, now[a:a + chunk] * self.rows + rr, rows_h)
         self.idx = new
         self.wq = torch.gather(self.tr, 1, new)
         self.z = self.z + d_h  # exact: H is fixed

@@ -4,7 +4,8 @@ For each model (timm / torchvision, random init) and each setting, in a fresh pr
 blow-up of one never stops the run): `compress.shrink(None, MODEL, ...)` on `--samples` crops of `photos:calib`
 at `--size` px, 1000 classes, quiet. Settings: `4bit` (JLCM, `--bits 4`), `prune0.3+4bit` (`--prune 0.3
 --bits 4`, the default recovery), `3bit` (JLCM `--bits 3` alone). Each result (wall seconds, peak RSS of the
-worker, seconds per quantization phase, parameters) is one JSON line of OUT/scale.jsonl; a killed run resumes
+worker, its CPU seconds, which a loaded machine does not inflate,
+seconds per quantization phase, parameters) is one JSON line of OUT/scale.jsonl; a killed run resumes
 (a (model, setting) pair already there is skipped; `--redo` runs them again). At the end OUT/scale.json holds
 every result with the machine (CPU, cores, threads, load average before and after each run) and
 OUT/scale.png plots seconds against parameters per setting (matplotlib), with the linear fit through the
@@ -69,7 +70,9 @@ except BaseException as exc:
     result.update(ok=False, reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
 result["seconds"] = round(time.perf_counter() - start, 1)
 result["phases"] = {k: round(v, 1) for k, v in phases.items()}
-result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+result["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)  # what a loaded machine does not inflate
 print("SCALE-RESULT " + json.dumps(result))
 """
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             handle.write(json.dumps(result) + "\n")
         status = "ok" if result.get("ok") else f"FAIL: {result.get('reason', '')[:120]}"
         print(f"[{i + 1}/{len(pairs)}] {spec} {setting}: {status}, {result.get('params', 0):,} params, "
-              f"{result['seconds']} s, peak RSS {result.get('peak_rss_mb', '?')} MB, phases {result.get('phases')}, "
+              f"{result['seconds']} s (cpu {result.get('cpu_seconds', '?')} s), peak RSS {result.get('peak_rss_mb', '?')} MB, phases {result.get('phases')}, "
               f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}", flush=True)
     results = [done[p] for p in pairs if p in done]
     (args.out / "scale.json").write_text(json.dumps({"machine": {**info, "load_average_end": list(os.getloadavg())},

@@ -151,7 +151,14 @@ def proximal_step(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, 
 def _cap_moves(gain: torch.Tensor, max_moves: int | None) -> torch.Tensor:
     """Moves of positive gain; at most `max_moves` of them, those of largest gain."""
     moved = gain > 0
-    if max_moves is not None and int(moved.sum()) > max_moves:
+    if max_moves is None or max_moves >= gain.numel():
+        return moved
+    if gain.device.type != "cpu":
+        # no host read of the count: the cut is the max_moves-th largest gain, which keeps every positive gain when
+        # fewer are positive (the same moves as below; on the CPU the count is cheaper than a top-k every step)
+        cut = torch.topk(gain.reshape(-1), max_moves, sorted=False).values.min()
+        return moved & (gain >= cut)
+    if int(moved.sum()) > max_moves:
         cut = torch.topk(gain.reshape(-1), max_moves, sorted=False).values.min()
         moved &= gain >= cut
     return moved
@@ -208,11 +215,12 @@ def _basis(idx: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _rows_times_h(keys: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor, h: torch.Tensor,
-                  out_rows: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  out_rows: int, presorted: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """sum_e coef[e] * h[cols[e]] grouped by keys[e]: one sparse (CSR) x dense product, whose cost is
     entries x C (a gather of rows of H and an index_add cost the same twice over, with a copy of every row).
-    Returns the dense [out_rows, C] result when out_rows is given, else (the touched keys [U], their rows [U, C])."""
-    if keys.numel() > 1 and bool((keys[1:] < keys[:-1]).any()):
+    Returns the dense [out_rows, C] result when out_rows is given, else (the touched keys [U], their rows [U, C]).
+    presorted: the keys are known to be in order (e.g. rows from a row-major nonzero), so none is sorted."""
+    if not presorted:
         order = torch.argsort(keys, stable=True)
         keys, cols, coef = keys[order], cols[order], coef[order]
     if out_rows:
@@ -305,7 +313,7 @@ class _JointLearner:
             dense = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
             dense[r, j] = coef
             return torch.bmm(dense.reshape(self.g_in, self.per_in, cols), self.h).reshape(rows, cols)
-        return _rows_times_h(r, self._stacked_cols(r, j), coef, self.h_stacked, rows)
+        return _rows_times_h(r, self._stacked_cols(r, j), coef, self.h_stacked, rows, presorted=True)  # row-major
 
     def _stacked_cols(self, r: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Columns of the stacked H [g C, C] that rows r read for input j."""
@@ -337,9 +345,12 @@ class _JointLearner:
     def resort(self) -> None:
         """Keep codebooks sorted (neighbour moves rely on it): permute entries, Adam state, indices, basis."""
         theta = self.theta
-        if bool((theta[:, 1:] >= theta[:, :-1]).all()):
-            return
-        perm = torch.argsort(theta, dim=1)  # new entry e holds old entry perm[e]
+        if theta.device.type == "cpu":
+            if bool((theta[:, 1:] >= theta[:, :-1]).all()):
+                return
+            perm = torch.argsort(theta, dim=1)  # new entry e holds old entry perm[e]
+        else:  # no host read: a stable sort of sorted entries is the identity, so permuting is a no-op then
+            perm = torch.argsort(theta, dim=1, stable=True)
         state = self.opt.state[theta]
         for t in [theta, *(v for v in state.values() if torch.is_tensor(v) and v.shape == theta.shape)]:
             t.copy_(torch.gather(t, 1, perm))

@@ -505,7 +505,8 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
     row_group, order = group_rows(row_statistic(w, config.statistic), groups)
     col_w = column_weights(stats, rows) if config.init_weighting == "hessian" else None
     members = [row_group == g for g in range(groups)]
-    unit = torch.stack([w[m].std(unbiased=False) if m.sum() * cols > 1 else w[m].abs().mean() for m in members])
+    sizes = torch.bincount(row_group, minlength=groups).tolist()  # one read back to the host for all groups
+    unit = torch.stack([w[m].std(unbiased=False) if n * cols > 1 else w[m].abs().mean() for m, n in zip(members, sizes)])
     unit = unit.clamp_min(float(w.abs().max()) * 1e-6 + 1e-12)
     shared = config.variant == "shared-codebook-scale"
     if shared:

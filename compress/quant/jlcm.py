@@ -23,6 +23,7 @@ The paper's code is not public; what follows is our reading [open], step by step
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -150,7 +151,14 @@ def proximal_step(idx: torch.Tensor, score: torch.Tensor, tables: torch.Tensor, 
 def _cap_moves(gain: torch.Tensor, max_moves: int | None) -> torch.Tensor:
     """Moves of positive gain; at most `max_moves` of them, those of largest gain."""
     moved = gain > 0
-    if max_moves is not None and int(moved.sum()) > max_moves:
+    if max_moves is None or max_moves >= gain.numel():
+        return moved
+    if gain.device.type != "cpu":
+        # no host read of the count: the cut is the max_moves-th largest gain, which keeps every positive gain when
+        # fewer are positive (the same moves as below; on the CPU the count is cheaper than a top-k every step)
+        cut = torch.topk(gain.reshape(-1), max_moves, sorted=False).values.min()
+        return moved & (gain >= cut)
+    if int(moved.sum()) > max_moves:
         cut = torch.topk(gain.reshape(-1), max_moves, sorted=False).values.min()
         moved &= gain >= cut
     return moved
@@ -206,6 +214,30 @@ def _basis(idx: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _rows_times_h(keys: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor, h: torch.Tensor,
+                  out_rows: int, presorted: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_e coef[e] * h[cols[e]] grouped by keys[e]: one sparse (CSR) x dense product, whose cost is
+    entries x C (a gather of rows of H and an index_add cost the same twice over, with a copy of every row).
+    Returns the dense [out_rows, C] result when out_rows is given, else (the touched keys [U], their rows [U, C]).
+    presorted: the keys are known to be in order (e.g. rows from a row-major nonzero), so none is sorted."""
+    if not presorted:
+        order = torch.argsort(keys, stable=True)
+        keys, cols, coef = keys[order], cols[order], coef[order]
+    if out_rows:
+        uniq = None
+        counts = torch.bincount(keys, minlength=out_rows)
+    else:
+        uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=h.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        sparse = torch.sparse_csr_tensor(crow, cols.to(torch.int64), coef.to(h.dtype), size=(counts.numel(), h.shape[0]),
+                                         check_invariants=False)
+        product = sparse @ h
+    return product if uniq is None else (uniq, product)
+
+
 class _JointLearner:
     """State of one layer's joint learning: codebook parameters (Adam), mapping, EMA scores, and the cached
     products W^ H (z) and basis B that make a step cheap. Loss L = (sum_r w^_r H w^_r - 2 w^_r P_r + E) / E
@@ -218,6 +250,7 @@ class _JointLearner:
         self.k = tables.shape[1]
         self.h = stats.H
         self.g_in = stats.H.shape[0]
+        self.h_stacked = self.h.reshape(self.g_in * self.h.shape[1], self.h.shape[2])  # [g C, C]
         self.per_in = self.rows // self.g_in
         self.in_group = torch.arange(self.rows, device=w.device) // self.per_in
         self.idx, self.row_group, self.unit = idx, row_group, unit
@@ -272,23 +305,31 @@ class _JointLearner:
 
     # -- sparse updates --------------------------------------------------------------------------------------
     def sparse_h(self, r: torch.Tensor, j: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """D H for the sparse D [R, C] holding coef at (r, j): few entries as a sum of rows of H (chunked), many
-        as a dense matmul (faster per entry)."""
+        """D H for the sparse D [R, C] holding coef at (r, j): one sparse x dense product (row r of D multiplies
+        its input group's H: the groups' H are stacked and D's columns offset by group), or, when nearly every
+        row holds many entries, a dense matmul (faster per entry)."""
         rows, cols = self.rows, self.cols
         if r.numel() * 32 > rows * cols:
             dense = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
             dense[r, j] = coef
             return torch.bmm(dense.reshape(self.g_in, self.per_in, cols), self.h).reshape(rows, cols)
-        out = torch.zeros(rows, cols, dtype=self.w.dtype, device=self.w.device)
-        chunk = max(1, (1 << 22) // cols)
-        for a in range(0, r.numel(), chunk):
-            rr, jj = r[a:a + chunk], j[a:a + chunk]
-            out.index_add_(0, rr, coef[a:a + chunk, None] * self.h[self.in_group[rr], jj])
-        return out
+        return _rows_times_h(r, self._stacked_cols(r, j), coef, self.h_stacked, rows, presorted=True)  # row-major
+
+    def _stacked_cols(self, r: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Columns of the stacked H [g C, C] that rows r read for input j."""
+        return j if self.g_in == 1 else self.in_group[r] * self.cols + j
 
     def move(self, new: torch.Tensor, r: torch.Tensor, j: torch.Tensor, d_h: torch.Tensor) -> None:
         """Take the index changes at (r, j) (new mapping `new`) whose effect on W^ H is d_h."""
-        if self.basis is not None and r.numel():
+        if self.basis is not None and r.numel() * 100 > self.rows * self.cols:
+            # many moves: B[old, r] -= H[j], B[new, r] += H[j] as one sparse product over the touched rows
+            flat = self.basis.view(self.k * self.rows, self.cols)
+            keys = torch.cat([self.idx[r, j] * self.rows + r, new[r, j] * self.rows + r])
+            signs = torch.cat([torch.full_like(r, -1), torch.ones_like(r)]).to(self.w.dtype)
+            stacked = self._stacked_cols(r, j)
+            touched, rows_delta = _rows_times_h(keys, torch.cat([stacked, stacked]), signs, self.h_stacked, 0)
+            flat.index_add_(0, touched, rows_delta)
+        elif self.basis is not None and r.numel():  # few: rows of H added and taken away (cost: moves x C)
             flat = self.basis.view(self.k * self.rows, self.cols)
             old, now = self.idx[r, j], new[r, j]
             chunk = max(1, (1 << 22) // self.cols)
@@ -304,9 +345,12 @@ class _JointLearner:
     def resort(self) -> None:
         """Keep codebooks sorted (neighbour moves rely on it): permute entries, Adam state, indices, basis."""
         theta = self.theta
-        if bool((theta[:, 1:] >= theta[:, :-1]).all()):
-            return
-        perm = torch.argsort(theta, dim=1)  # new entry e holds old entry perm[e]
+        if theta.device.type == "cpu":
+            if bool((theta[:, 1:] >= theta[:, :-1]).all()):
+                return
+            perm = torch.argsort(theta, dim=1)  # new entry e holds old entry perm[e]
+        else:  # no host read: a stable sort of sorted entries is the identity, so permuting is a no-op then
+            perm = torch.argsort(theta, dim=1, stable=True)
         state = self.opt.state[theta]
         for t in [theta, *(v for v in state.values() if torch.is_tensor(v) and v.shape == theta.shape)]:
             t.copy_(torch.gather(t, 1, perm))
@@ -461,7 +505,8 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
     row_group, order = group_rows(row_statistic(w, config.statistic), groups)
     col_w = column_weights(stats, rows) if config.init_weighting == "hessian" else None
     members = [row_group == g for g in range(groups)]
-    unit = torch.stack([w[m].std(unbiased=False) if m.sum() * cols > 1 else w[m].abs().mean() for m in members])
+    sizes = torch.bincount(row_group, minlength=groups).tolist()  # one read back to the host for all groups
+    unit = torch.stack([w[m].std(unbiased=False) if n * cols > 1 else w[m].abs().mean() for m, n in zip(members, sizes)])
     unit = unit.clamp_min(float(w.abs().max()) * 1e-6 + 1e-12)
     shared = config.variant == "shared-codebook-scale"
     if shared:

@@ -59,7 +59,8 @@ def _dp_segments(p: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
         best, arg = total.min(dim=0)
         starts.append(arg)
     bounds, j = [], m - 1
-    for arg in reversed(starts):
+    back = torch.stack(starts).tolist() if starts else []  # one read back to the host, not one per segment
+    for arg in reversed(back):
         s = int(arg[j])
         bounds.append(s)
         j = s - 1

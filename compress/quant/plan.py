@@ -64,6 +64,12 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """name -> bits -> {"error": model output error with only this layer quantized, "bits": stored bits}."""
     quick = config.quick()
+    measured = sorted(b for b in choices if b <= 8 and not (b >= 8 and max(choices) <= 8))
+    # sensitivity_proxy: one forward per layer, at the measured width nearest the middle; the others scaled by
+    # their weight error (0: every width measured)
+    proxy = None
+    if getattr(config, "sensitivity_proxy", 0) and len(measured) > 1:
+        proxy = measured[(len(measured) - 1) // 2]
     # layers are perturbed in call order, so the modules that return before a layer's first call replay their
     # outputs of the passes before: each pass runs the model from the perturbed layer on
     replay = Replay(model, batches[0], getattr(config, "replay_mb", 0) << 20) if batches else None
@@ -74,6 +80,7 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
         original = param.data.clone()
         out[site.name] = {}
         cutoff = replay.cutoff([call_name(site)]) if replay is not None else 0.0
+        weight_error: dict[int, float] = {}
         for bits in choices:
             if bits > 8:  # kept float (the float choice): exact, 32 bits a weight
                 out[site.name][bits] = {"error": 0.0, "bits": float(bits * original.numel())}
@@ -82,10 +89,22 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
             if bits >= 8 and max(choices) <= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue
-            param.data.copy_(decode(layout, buffers).to(param.dtype))
+            decoded = decode(layout, buffers).to(param.dtype)
+            if proxy is not None and bits != proxy:  # scaled from the measured width below
+                weight_error[bits] = float(((decoded.float() - original.float()) ** 2).sum())
+                out[site.name][bits] = {"error": None, "bits": float(storage_bits(layout))}
+                continue
+            if proxy is not None:
+                weight_error[bits] = float(((decoded.float() - original.float()) ** 2).sum())
+            param.data.copy_(decoded)
             out[site.name][bits] = {"error": output_error(_run(model, batches, replay, cutoff), reference,
                                                           getattr(config, "sensitivity_metric", "mse")),
                                     "bits": float(storage_bits(layout))}
+        if proxy is not None:  # output error proportional to the weights' squared error, through the measured width
+            scale = out[site.name][proxy]["error"] / max(weight_error[proxy], 1e-30)
+            for bits, err in weight_error.items():
+                if out[site.name][bits]["error"] is None:
+                    out[site.name][bits]["error"] = scale * err
         param.data.copy_(original)
         if progress is not None:
             progress({"phase": "sensitivity", "layer": site.name, "index": i, "total": len(sites)})

@@ -40,6 +40,9 @@ class QuantConfig(Config):
                                                      "sensitivity is measured by: relative squared error of the "
                                                      "outputs, or KL of the softmax (classifiers' logits)")
     sensitivity_samples: int = Field(16, gt=0, description="mixed: calibration inputs used to measure sensitivity")
+    sensitivity_proxy: bool = Field(False, description="mixed: measure each layer's output error at one width only "
+                                    "(the middle one) and scale it to the other widths by their weight error "
+                                    "(one forward per layer instead of one per width; an approximation)")
     max_samples: int = Field(8192, gt=0, description="input rows per layer (tokens, or conv positions drawn at "
                              "random) used for the layer's statistics")
     sequential: bool = Field(True, description="take each layer's inputs from the model quantized so far (errors "

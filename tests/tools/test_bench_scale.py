@@ -1,0 +1,31 @@
+"""tools/bench_scale.py on one tiny model: a result line per (model, setting), the JSON and the plot, resumable."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_scale_times_a_tiny_model_and_resumes(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_scale.py"), "--out", str(tmp_path), "--models",
+           "timm:mobilenetv3_small_050", "--settings", "4bit", "--samples", "2", "--size", "32",
+           "--options", '{"calib_steps": 2, "bit_choices": [2, 4], "float_choice": false}', "--timeout", "300"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "scale.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["ok"], lines
+    row = lines[0]
+    assert row["setting"] == "4bit" and row["params"] > 1e5 and row["seconds"] > 0 and row["peak_rss_mb"] > 0
+    assert "learn" in row["phases"] and len(row["load_before"]) == 3
+    summary = json.loads((tmp_path / "scale.json").read_text())
+    assert summary["machine"]["threads"] == 1 and summary["results"][0]["model"] == "timm:mobilenetv3_small_050"
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "1 already done" in again.stdout and "[1/1]" not in again.stdout

@@ -22,6 +22,10 @@ What we add to torch-pruning 1.6 (its own handling is wrong for these):
 - Attention (timm `Attention`: `qkv`, `proj`, `num_heads`, `head_dim`): the qkv rows are never cut by
   torch-pruning; whole heads are pruned by `compress.prune.attention` instead (one "heads" unit each).
 - GroupNorm: removing channels would regroup the normalisation, so units through a GroupNorm stay whole.
+- Shared channels: root elements that reach the same channel of a layer (GhostNet's concat of a conv and a
+  depthwise conv of it) are tied; torch-pruning's merge hides them (`_shared_channels`).
+- Conv / linear subclasses: per-output-channel tensors besides weight and bias (ScaledStdConv2d's `gain`) are cut
+  by `compress.prune.core`; input cuts of a layer with its own forward are checked by shape only (`own_forward`).
 """
 from __future__ import annotations
 

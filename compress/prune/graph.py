@@ -487,7 +487,17 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
-        group, shared = _full_group(graph, module)
+        try:
+            group, shared = _full_group(graph, module)
+        except (ZeroDivisionError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+            # torch-pruning's own index mapping fails while walking this layer's group (lambda_resnet26t: its
+            # expand mapping divides by a head_dim of 0): the layer keeps its channels, the rest is still pruned
+            name = graph._module2name[module]
+            units.append(Unit(name, "channels", pruner.get_out_channels(module) or 0, [], [],
+                              reason=f"torch-pruning cannot walk the channels of {name} "
+                                     f"({type(exc).__name__}: {str(exc)[:80]})"))
+            visited.add(module)
+            continue
         module = group[0].dep.target.module
         pruner = graph.get_pruner_of_module(module)
         for item in group:

@@ -229,3 +229,23 @@ def test_a_missed_target_is_logged_with_what_held_the_channels(nets):
     prune_model(nets["randomize_bn"](nets["chunk"]()), PruneConfig(target={"params": 0.3}, floor_min=1), X,
                 log=lines.append)
     assert not [line for line in lines if "target missed" in line], lines
+
+
+def test_a_group_torch_pruning_cannot_walk_is_kept_whole(nets, monkeypatch):
+    """lambda_resnet26t failed the whole shrink with a ZeroDivisionError inside torch-pruning's index mapping
+    while building one layer's group: that layer now keeps its channels, with the reason, and the rest is pruned."""
+    import compress.prune.graph as graph_module
+
+    real = graph_module._full_group
+
+    def failing(graph, module):
+        if graph._module2name[module] == "a.0":
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real(graph, module)
+
+    monkeypatch.setattr(graph_module, "_full_group", failing)
+    model = nets["randomize_bn"](nets["fixed_split"]())
+    reasons = {u.name: u.reason for u in analyze(model, X).units}
+    assert "torch-pruning cannot walk the channels of a.0 (ZeroDivisionError" in reasons["a.0"], reasons
+    _prune(model, ratios={"*": 0.5})
+    assert model.a[0].out_channels == 32 and model.b[0].out_channels < 16

@@ -29,12 +29,17 @@ def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
     """Forward `x [B, 3, H, W]` through the layers that carry weights, returning tensors (no post-processing).
 
     torchvision detectors take a list of images, resize them and return boxes after NMS, which hides the
-    layers from a trace; here they run backbone + head on the batch directly (their raw maps).
+    layers from a trace; here they run backbone + head on the batch directly (their raw maps). A detector whose
+    transform resizes to a fixed size (SSD, SSDlite: `fixed_size`) gets the batch resized to it, as its own forward
+    would: SSD300's last extra layers cannot run on a smaller map.
     """
     if is_torchvision_detector(model):
         if not hasattr(model, "head") or not hasattr(model, "backbone"):
             raise PruneError(f"{type(model).__name__}: only one-stage torchvision detectors (backbone + head) "
                              "can be pruned; two-stage models (RPN + ROI heads) are not supported")
+        fixed = getattr(getattr(model, "transform", None), "fixed_size", None)
+        if fixed and tuple(x.shape[-2:]) != tuple(fixed):  # SSD: its layers need the size its transform gives
+            x = torch.nn.functional.interpolate(x, size=tuple(fixed), mode="bilinear", align_corners=False)
         feats = model.backbone(x)
         feats = list(feats.values()) if isinstance(feats, dict) else [feats]
         return model.head(feats)

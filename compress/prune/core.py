@@ -25,7 +25,7 @@ import torch.nn as nn
 from compress.prune.attention import prune_heads
 from compress.prune.config import PruneConfig, ScopeConfig
 from compress.prune.fold import fold_removed
-from compress.prune.graph import Analysis, Unit, analyze, sync_split_sizes
+from compress.prune.graph import Analysis, Unit, analyze, extra_out_tensors, sync_split_sizes
 from compress.prune.groups import GroupAssigner, ratio_for
 from compress.format.prune_manifest import make_manifest, snapshot
 from compress.prune.masks import Decider
@@ -104,7 +104,31 @@ def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: 
                "heads_removed": float(sum(int((~k).sum()) for u, k in zip(units, keeps) if u.kind == "heads"))}
     log(f"prune: params x{figures['params_ratio']:.3f}, MACs x{figures['macs_ratio']:.3f}, "
         f"{int(figures['channels_removed'])} channels and {int(figures['heads_removed'])} heads removed")
+    if config.target is not None:
+        off = off_target(figures, config.target, analysis)
+        if off:
+            log(f"prune: WARNING {off}")
     return PruneResult(model, make_manifest(shapes, model), ratios, figures)
+
+
+def off_target(figures: dict[str, float], target: dict[str, float], analysis: Analysis, tolerance: float = 0.02
+               ) -> str | None:
+    """Why the removed share misses the target by more than `tolerance` (None when it does not): the shares
+    reached and the most common reasons channels were kept whole (by channel count)."""
+    reached = {m: 1.0 - figures[f"{m}_ratio"] for m in target}
+    missed = {m: v for m, v in reached.items() if abs(v - target[m]) > tolerance}
+    if not missed:
+        return None
+    held: dict[str, int] = {}
+    for unit in analysis.units:
+        if not unit.prunable:
+            why = re.sub(r" in (?!the )\S+", "", re.sub(r"\[[^\]]*\]", "[...]", _generic_reason(unit.reason)))
+            held[why] = held.get(why, 0) + unit.size
+    total = sum(u.size for u in analysis.units) or 1
+    top = sorted(held.items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{n / total:.0%} of channels: {r}" for r, n in top) or "no channel is held whole"
+    return ("target missed: removed " + ", ".join(f"{v:.3f} of {m} (target {target[m]})" for m, v in missed.items())
+            + f"; kept whole: {why}")
 
 
 def remove_units(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.ndarray], verify: bool = True,
@@ -155,12 +179,28 @@ def _remove(analysis: Analysis, unit: Unit, keep: np.ndarray) -> None:
         group = graph.get_pruning_group(unit.root_module, unit.root_fn, remove)
         if not graph.check_pruning_group(group):
             raise PruneError(f"pruning {len(remove)} of {unit.size} channels of {unit.name} would empty a layer")
+        extra = [(dep.target.module, name, sorted(set(idxs))) for dep, idxs in group
+                 if graph.is_out_channel_pruning_fn(dep.handler) for name in extra_out_tensors(dep.target.module)]
         group.prune()
+        _cut_extra_tensors(extra)
     except PruneError:
         raise
     except Exception as exc:  # torch-pruning's own failures, with the layer named
         raise PruneError(f"torch-pruning failed to remove channels of {unit.name}: {type(exc).__name__}: {exc}") from exc
     sync_split_sizes(graph, analysis.records)
+
+
+@torch.no_grad()
+def _cut_extra_tensors(extra: Sequence[tuple[nn.Module, str, list[int]]]) -> None:
+    """Remove the pruned output channels from a layer's per-channel tensors torch-pruning does not know."""
+    for module, name, removed in extra:
+        tensor = getattr(module, name)
+        keep = torch.as_tensor(sorted(set(range(tensor.shape[0])) - set(removed)), device=tensor.device)
+        cut = tensor.data.index_select(0, keep).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(cut, requires_grad=tensor.requires_grad))
+        else:
+            module._buffers[name] = cut
 
 
 @torch.no_grad()

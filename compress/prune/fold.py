@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from torch_pruning.ops import OPTYPE
 
-from compress.prune.graph import Analysis, Member, Unit
+from compress.prune.graph import Analysis, Member, Unit, own_forward
 from compress.models.protocol import raw_forward
 
 
@@ -60,7 +60,7 @@ def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
                 consumers.setdefault(m.module, set()).update(_removed_locals(keep, m).tolist())
     modules = dict(model.named_modules())
     consumers = {k: v for k, v in consumers.items()
-                 if isinstance(modules.get(k), (nn.Conv2d, nn.Conv1d, nn.Linear)) and v}
+                 if isinstance(modules.get(k), (nn.Conv2d, nn.Conv1d, nn.Linear)) and not own_forward(modules[k]) and v}
     if not consumers:
         return {"folded": 0, "not_constant": 0}
     probe = copy.deepcopy(model)

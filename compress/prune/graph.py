@@ -22,11 +22,16 @@ What we add to torch-pruning 1.6 (its own handling is wrong for these):
 - Attention (timm `Attention`: `qkv`, `proj`, `num_heads`, `head_dim`): the qkv rows are never cut by
   torch-pruning; whole heads are pruned by `compress.prune.attention` instead (one "heads" unit each).
 - GroupNorm: removing channels would regroup the normalisation, so units through a GroupNorm stay whole.
+- Shared channels: root elements that reach the same channel of a layer (GhostNet's concat of a conv and a
+  depthwise conv of it) are tied; torch-pruning's merge hides them (`_shared_channels`).
+- Conv / linear subclasses: per-output-channel tensors besides weight and bias (ScaledStdConv2d's `gain`) are cut
+  by `compress.prune.core`; input cuts of a layer with its own forward are checked by shape only (`own_forward`).
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +181,7 @@ def build_graph(model: nn.Module, x: torch.Tensor) -> tuple[tp.DependencyGraph, 
         shapes = records.reshapes.get(node.grad_fn) if node.type == OT.RESHAPE else None
         if shapes is not None and regroups_channels(*shapes):
             problems[node] = (f"a reshape {list(shapes[0])} -> {list(shapes[1])} that regroups the channel axis "
-                              "(a channel shuffle)")
+                              "(a channel shuffle) or splits it into branches (selective-kernel attention)")
             node.type = OT.ELEMENTWISE  # torch-pruning re-runs its mappings for every group: skip this node there
     _update_index_mappings(graph, problems)
     return graph, records, problems
@@ -239,6 +244,32 @@ def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     return found
 
 
+_BASE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                nn.Linear)
+
+
+def own_forward(module: Any) -> bool:
+    """True for a conv / linear subclass with its own forward (e.g. timm's ScaledStdConv2d, which standardizes
+    each output row of its weight over the inputs): what it computes from its weight is not known, so removing
+    its input channels is not checked exactly and no constant is folded into it."""
+    for base in _BASE_LAYERS:
+        if isinstance(module, base):
+            return type(module).forward is not base.forward
+    return False
+
+
+def extra_out_tensors(module: Any) -> list[str]:
+    """Own parameters / buffers of a conv or linear layer, besides weight and bias, with one entry per output
+    channel (dim 0): e.g. the `gain` of timm's ScaledStdConv2d. torch-pruning prunes only weight and bias, so
+    `compress.prune.core` cuts these itself."""
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return []
+    out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return [n for n, t in tensors if n not in ("weight", "bias") and t is not None and t.dim() >= 1
+            and t.shape[0] == out and out > 1]
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """timm-style multi-head attention blocks (fused qkv projection, per-head reshape, output projection)."""
     return {name: m for name, m in model.named_modules()
@@ -280,13 +311,13 @@ def _union_find_ties(size: int, pairs: list[np.ndarray]) -> np.ndarray | None:
 
 def _unit_from_group(graph: tp.DependencyGraph, group: Any, root_module: nn.Module, root_fn: Callable,
                      split_problems: dict[Any, str], records: OpRecords, ignore: list[re.Pattern],
-                     outputs: set[str], qkv: dict[str, str]) -> Unit:
+                     outputs: set[str], qkv: dict[str, str], shared: Sequence[np.ndarray] = ()) -> Unit:
     root_name = graph._module2name[root_module]
     size = graph.get_out_channels(root_module)
     members: list[Member] = []
     reason: str | None = None
     exact = True
-    tie_sets: list[np.ndarray] = []
+    tie_sets: list[np.ndarray] = list(shared)
     balance: list[np.ndarray] = []
     bn_carriers: list[tuple[str, np.ndarray, np.ndarray]] = []
     producers: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -341,7 +372,7 @@ def _unit_from_group(graph: tp.DependencyGraph, group: Any, root_module: nn.Modu
         dim = "out" if is_out else "in"
         members.append(Member(name, dim, local, root, int(node.type)))
         module = node.module
-        if node.type in CHANNEL_STATS:
+        if node.type in CHANNEL_STATS or (dim == "in" and own_forward(module)):
             exact = False
         if node.type == OT.GN:
             refuse(f"GroupNorm {name} (removing channels would regroup its normalisation)")
@@ -364,7 +395,7 @@ def _unit_from_group(graph: tp.DependencyGraph, group: Any, root_module: nn.Modu
                 tied = root[(local % per_group) == pos]
                 if len(tied) > 1:
                     tie_sets.append(np.unique(tied))
-    if tie_sets and balance:
+    if len(tie_sets) > len(shared) and balance:
         refuse("a chunk feeding a grouped convolution")
     ties = _union_find_ties(size, tie_sets)
     carriers = [_carrier(n, "gamma", l, r) for n, l, r in bn_carriers] or \
@@ -381,12 +412,48 @@ def _carrier(name: str, kind: str, local: np.ndarray, root: np.ndarray) -> Carri
     return Carrier(name, kind, roots, locals_)
 
 
-def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> Any:
+@contextlib.contextmanager
+def _shared_channels() -> Iterator[list[tuple[int, int]]]:
+    """Record the root elements that reach the same channel of some layer while torch-pruning builds a group.
+
+    torch-pruning merges the indices a walk brings to one layer by channel and keeps the first root element of
+    each, so two root elements that share a channel look independent in the group (GhostNet: a conv's output and
+    the depthwise "cheap" conv on it are concatenated; root j and root j + C/2 both reach the conv's channel j).
+    Removing one of them removes that channel and, through the walk, the other one too: such elements are tied.
+    Yields the list of (root a, root b) pairs found, filled while the context is open."""
+    from torch_pruning.dependency.group import Group
+
+    pairs: list[tuple[int, int]] = []
+    original = Group.add_and_merge
+
+    def add_and_merge(self: Any, dep: Any, idxs: Any) -> None:
+        seen: dict[int, Any] = {}
+        for _dep, _idxs in self._group:
+            if _dep.target == dep.target and _dep.handler == dep.handler:
+                seen = {i.idx: i.root_idx for i in _idxs}
+                break
+        for i in idxs:
+            first = seen.setdefault(i.idx, i.root_idx)
+            if first is not None and i.root_idx is not None and first != i.root_idx:
+                pairs.append((int(first), int(i.root_idx)))
+        original(self, dep, idxs)
+
+    Group.add_and_merge = add_and_merge
+    try:
+        yield pairs
+    finally:
+        Group.add_and_merge = original
+
+
+def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> tuple[Any, list[np.ndarray]]:
     """The group of all of `module`'s output channels, re-rooted at a layer the group covers only in part
-    (e.g. the conv before a `chunk`, when the walk started from one part), so the unit is complete."""
+    (e.g. the conv before a `chunk`, when the walk started from one part), so the unit is complete; with the
+    pairs of root elements that share a channel somewhere in the group (`_shared_channels`)."""
     for _ in range(4):
         pruner = graph.get_pruner_of_module(module)
-        group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        with _shared_channels() as pairs:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                            list(range(pruner.get_out_channels(module))))
         partial = None
         for item in group:
             target = item.dep.target
@@ -395,9 +462,9 @@ def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> Any:
                     partial = target.module
                     break
         if partial is None:
-            return group
+            break
         module = partial
-    return group
+    return group, [np.array(sorted(p), dtype=np.int64) for p in dict.fromkeys(pairs)]
 
 
 def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), protect_outputs: bool = True,
@@ -420,14 +487,24 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
-        group = _full_group(graph, module)
+        try:
+            group, shared = _full_group(graph, module)
+        except (ZeroDivisionError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+            # torch-pruning's own index mapping fails while walking this layer's group (lambda_resnet26t: its
+            # expand mapping divides by a head_dim of 0): the layer keeps its channels, the rest is still pruned
+            name = graph._module2name[module]
+            units.append(Unit(name, "channels", pruner.get_out_channels(module) or 0, [], [],
+                              reason=f"torch-pruning cannot walk the channels of {name} "
+                                     f"({type(exc).__name__}: {str(exc)[:80]})"))
+            visited.add(module)
+            continue
         module = group[0].dep.target.module
         pruner = graph.get_pruner_of_module(module)
         for item in group:
             if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
                 visited.add(item.dep.target.module)
         units.append(_unit_from_group(graph, group, module, pruner.prune_out_channels, split_problems, records,
-                                      patterns, out_names, qkv))
+                                      patterns, out_names, qkv, shared))
     for module in outs:  # listed (not analysed: their groups are the slow ones) so reports can name them
         if module not in visited:
             name = graph._module2name[module]

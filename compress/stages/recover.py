@@ -70,9 +70,39 @@ def reestimate_bn(model: nn.Module, batches: list[torch.Tensor], advance: Any = 
     return len(norms)
 
 
+def drop_graph_caches(model: nn.Module) -> int:
+    """Forget tensors that a module cached from a forward pass with their autograd graph (returns how many).
+
+    Some models cache a tensor computed from their parameters in eval mode (timm's LeViT, EfficientFormer,
+    TinyViT: `attention_bias_cache`, the gathered attention biases). Trained in eval mode, the first step caches
+    it with its graph; the next step reuses the freed graph ("Trying to backward through the graph a second
+    time") and, after the optimizer step, a stale value. Cached entries in dicts / lists are removed (the module
+    recomputes them), a bare tensor attribute is detached. Parameters, buffers and submodules are not touched."""
+    dropped = 0
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if name in ("_parameters", "_buffers", "_modules") or name.endswith("hooks"):
+                continue
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+                dropped += 1
+            elif isinstance(value, dict):
+                stale = [k for k, v in value.items() if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+                for key in stale:
+                    del value[key]
+                dropped += len(stale)
+            elif isinstance(value, list):
+                kept = [v for v in value if not (isinstance(v, torch.Tensor) and v.grad_fn is not None)]
+                dropped += len(value) - len(kept)
+                value[:] = kept
+    return dropped
+
+
 def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], config: RecoverConfig,
                   task: str, advance: Any = None) -> list[float]:
-    """`config.steps` Adam steps matching the teacher's outputs (BatchNorm and dropout in eval mode)."""
+    """`config.steps` Adam steps matching the teacher's outputs (BatchNorm and dropout in eval mode). Tensors a
+    module caches in eval mode are dropped before every step (`drop_graph_caches`), so no step reuses the graph
+    or the pre-step value of another."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     was_training = student.training
@@ -82,6 +112,7 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
     try:
         with raw_outputs(student), raw_outputs(teacher):
             for x in itertools.islice(itertools.cycle(batches), config.steps):
+                drop_graph_caches(student)
                 with torch.no_grad():
                     target = teacher(x)
                 loss = output_distillation_loss(student(x), target, task, config.temperature)
@@ -92,6 +123,7 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
                 if advance:
                     advance(loss=losses[-1])
     finally:
+        drop_graph_caches(student)
         student.train(was_training)
         student.zero_grad(set_to_none=True)
     return losses

@@ -110,3 +110,36 @@ def test_register_custom_and_build() -> None:
 def test_downloading_weights_is_refused(spec: str, option: str) -> None:
     with pytest.raises(ModelSpecError, match=f"{option} is not supported"):
         build_model(spec, num_classes=10, **{option: True if option == "pretrained" else "DEFAULT"})
+
+
+def test_raw_forward_gives_a_fixed_size_detector_the_size_its_transform_would() -> None:
+    """torchvision:ssd300_vgg16 failed at 128 px ("Kernel size can't be greater than actual input size"): the
+    raw path (trace, pruning) skipped the transform that resizes every image to 300x300. A tiny SSD whose last
+    layer needs its fixed 32 px input runs on a 16 px batch, with the map shapes its own forward makes."""
+    from collections import OrderedDict
+
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+
+    from compress.models.protocol import raw_forward, raw_outputs
+
+    class Backbone(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+            self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.ReLU())
+            self.c = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU())  # needs a 3x3 map
+
+        def forward(self, x: torch.Tensor) -> OrderedDict:
+            a = self.a(x)
+            b = self.b(a)
+            return OrderedDict([("0", a), ("1", b), ("2", self.c(b))])
+
+    torch.manual_seed(0)
+    model = SSD(Backbone(), DefaultBoxGenerator([[2], [2], [2]]), (32, 32), num_classes=3).eval()
+    small = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        out = raw_forward(model, small)
+        with raw_outputs(model):
+            want = model(small)
+    assert [t.shape for t in out.values()] == [t.shape for t in want.values()]

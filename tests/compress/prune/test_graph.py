@@ -148,3 +148,104 @@ def test_channel_shuffle_is_pruned_inside_branches_and_stays_whole_across_the_sh
     result = prune_model(model, PruneConfig(target={"params": 0.2}), x, log=lambda _: None)
     assert 0.18 <= 1 - result.figures["params_ratio"] <= 0.22
     assert result.model(x).shape == (2, 5)
+
+
+class _GhostNet(nn.Module):
+    """GhostNet's module: a conv, a depthwise "cheap" conv on its output, both concatenated; then a conv."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(8, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c, bias=False), nn.BatchNorm2d(2 * c))
+        self.out = nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.primary(self.stem(x))
+        return self.out(self.dw(torch.cat([y, self.cheap(y)], dim=1))).mean((2, 3))
+
+
+def test_elements_sharing_a_channel_are_tied_so_the_floor_holds():
+    """Root j and root j + c reach the same channel j of `primary` (through the depthwise cheap conv): torch-pruning
+    removes both when either goes. The unit ties them, so the decider never plans to empty `primary` (ghostnet_050
+    failed with "would empty a layer") and the planned count is the removed one (ghostnetv2 overshot the target)."""
+    torch.manual_seed(0)
+    model = _GhostNet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.1, 1.0)
+    analysis = analyze(model, X)
+    unit = next(u for u in analysis.units if u.name in ("dw.0", "primary.0", "cheap.0") and u.size == 16)
+    assert unit.prunable and unit.ties is not None
+    assert all(unit.ties[j] == unit.ties[j + 8] for j in range(8)), unit.ties
+    decider = Decider([unit], floor_min=1)
+    keep = decider.decide_all({g: 0.97 for g in decider.groups})[0]
+    assert keep.sum() >= 2 and all(keep[j] == keep[j + 8] for j in range(8))
+    result = _prune(model, ratios={"*": 0.5})
+    assert 0 < model.primary[0].out_channels < 8 and model.dw[0].out_channels == 2 * model.primary[0].out_channels
+    assert model(X).shape == (2, 4) and result.figures["channels_removed"] > 0
+
+
+class _StdConv(nn.Conv2d):
+    """timm ScaledStdConv2d: each output row of the weight standardized over its inputs, times a per-output
+    `gain` parameter torch-pruning does not know (it prunes weight and bias only)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                           weight=self.gain.view(-1), training=True, momentum=0.0, eps=1e-5)
+        return self._conv_forward(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_per_channel_parameters_of_conv_subclasses_are_cut_with_the_channels():
+    """nfnet_l0 failed with "weight should contain 29 elements not 32": the gain of its ScaledStdConv2d layers
+    kept every channel. The gain is cut with the layer's output channels, and units that cut the inputs of such a
+    layer (whose forward transforms its weight) are checked by shape, not against the masked copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_StdConv(3, 16, 3, padding=1), nn.SiLU(), _StdConv(16, 16, 3, padding=1), nn.SiLU(),
+                          _StdConv(16, 24, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    result = _prune(model, target={"params": 0.3})
+    assert 0.6 <= result.figures["params_ratio"] <= 0.75, result.figures
+    for layer in model:
+        if isinstance(layer, _StdConv):
+            assert layer.gain.shape[0] == layer.out_channels
+    assert model[2].out_channels < 16 or model[4].out_channels < 24
+    assert model(X).shape == (2, 5)
+
+
+def test_a_missed_target_is_logged_with_what_held_the_channels(nets):
+    """skresnet18 reached 0.014 of a 0.3 target and nothing said why: the prune log now says which share of the
+    channels is kept whole and for which reasons."""
+    model = nets["randomize_bn"](nets["fixed_split"]())
+    lines: list[str] = []
+    prune_model(model, PruneConfig(target={"params": 0.9}, floor_min=1), X, log=lines.append)
+    warning = [line for line in lines if line.startswith("prune: WARNING target missed")]
+    assert len(warning) == 1 and "kept whole:" in warning[0] and "torch.split into fixed sizes" in warning[0], lines
+    lines.clear()
+    prune_model(nets["randomize_bn"](nets["chunk"]()), PruneConfig(target={"params": 0.3}, floor_min=1), X,
+                log=lines.append)
+    assert not [line for line in lines if "target missed" in line], lines
+
+
+def test_a_group_torch_pruning_cannot_walk_is_kept_whole(nets, monkeypatch):
+    """lambda_resnet26t failed the whole shrink with a ZeroDivisionError inside torch-pruning's index mapping
+    while building one layer's group: that layer now keeps its channels, with the reason, and the rest is pruned."""
+    import compress.prune.graph as graph_module
+
+    real = graph_module._full_group
+
+    def failing(graph, module):
+        if graph._module2name[module] == "a.0":
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real(graph, module)
+
+    monkeypatch.setattr(graph_module, "_full_group", failing)
+    model = nets["randomize_bn"](nets["fixed_split"]())
+    reasons = {u.name: u.reason for u in analyze(model, X).units}
+    assert "torch-pruning cannot walk the channels of a.0 (ZeroDivisionError" in reasons["a.0"], reasons
+    _prune(model, ratios={"*": 0.5})
+    assert model.a[0].out_channels == 32 and model.b[0].out_channels < 16

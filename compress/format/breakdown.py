@@ -28,6 +28,14 @@ def tensor_kind(name: str, names: set[str], dtype_is_float: bool) -> str:
     return "other_float" if dtype_is_float else "other"
 
 
+def _stored_sizes(tensors: dict[str, Any], layout: dict[str, Any]) -> dict[str, tuple[int, bool]]:
+    """name -> (bytes the file stores for it, rANS-coded?): the index's lengths (version 2), else the raw size."""
+    stored = {name: (t.numel() * t.element_size(), False) for name, t in tensors.items()}
+    for entry in (layout.get("index") or {}).get("tensors", []):
+        stored[entry[0]] = (entry[3], len(entry) == 5 and entry[4].get("codec") == "rans")
+    return stored
+
+
 def byte_breakdown(path: str | Path) -> dict[str, int]:
     """Bytes of the file by part: `header` (the safetensors length word and JSON header, without a version-1
     manifest), `manifest` (as stored: compressed), then the tensor bytes as stored, by kind: `indices_raw`,
@@ -45,10 +53,7 @@ def byte_breakdown(path: str | Path) -> dict[str, int]:
         out["header"] = layout["header_bytes"]
     out["manifest"] = layout["manifest_bytes"]
     names = set(tensors)
-    stored = {name: (t.numel() * t.element_size(), False) for name, t in tensors.items()}
-    for entry in (layout.get("index") or {}).get("tensors", []):
-        stored[entry[0]] = (entry[3], len(entry) == 5 and entry[4].get("codec") == "rans")
-    for name, (size, coded) in stored.items():
+    for name, (size, coded) in _stored_sizes(tensors, layout).items():
         kind = "indices_coded" if coded else tensor_kind(name, names, tensors[name].is_floating_point())
         out[kind] += size
     out["file"] = path.stat().st_size
@@ -63,9 +68,7 @@ def index_coding(path: str | Path) -> dict[int, dict[str, int]]:
     from compress.format.container import coding_plan
 
     tensors, manifest, layout = read_artifact_parts(path)
-    stored: dict[str, tuple[int, bool]] = {name: (t.numel(), False) for name, t in tensors.items()}
-    for entry in (layout.get("index") or {}).get("tensors", []):
-        stored[entry[0]] = (entry[3], len(entry) == 5 and entry[4].get("codec") == "rans")
+    stored = _stored_sizes(tensors, layout)  # packed index tensors are U8: bytes == elements
     out: dict[int, dict[str, Any]] = {}
     for name, (bits, _) in sorted(coding_plan(manifest).items()):
         if name not in tensors:

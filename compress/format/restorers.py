@@ -85,8 +85,8 @@ def restore_quantization(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     return model
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FOLD_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # convs a following BN folds into (not transposed)
+FOLD_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @register_restorer(BN_FOLD_META_KEY, priority=RESTORE_BN_FOLD)
@@ -94,11 +94,10 @@ def restore_bn_fold(model: nn.Module, fold: dict[str, Any]) -> nn.Module:
     """Give each listed conv a bias (if it had none) and replace its BN with nn.Identity, as export did."""
     for conv_name, bn_name in fold["pairs"]:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if type(conv) not in _CONVS or type(bn) not in _NORMS or bn.num_features != conv.out_channels:
+        if type(conv) not in FOLD_CONVS or type(bn) not in FOLD_NORMS or bn.num_features != conv.out_channels:
             raise ValueError(f"bn_fold pair ({conv_name}, {bn_name}) is not a conv followed by its BatchNorm "
                              f"({type(conv).__name__}, {type(bn).__name__})")
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
-        parent, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
     return model

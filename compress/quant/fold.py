@@ -23,12 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.format.restorers import FOLD_CONVS, FOLD_NORMS
 from compress.models.protocol import eval_forward_with_hooks, flat_tensors, map_tensors, raw_outputs
 
 __all__ = ["find_conv_bn_pairs", "fold_batchnorm", "remove_batchnorms"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -47,10 +45,10 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONVS) or len(node.users) != 1:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), FOLD_CONVS) or len(node.users) != 1:
             continue
         user = next(iter(node.users))
-        if user.op == "call_module" and isinstance(modules.get(user.target), _NORMS):
+        if user.op == "call_module" and isinstance(modules.get(user.target), FOLD_NORMS):
             pairs.append((node.target, user.target))
     return pairs
 
@@ -62,7 +60,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (a, conv), (b, bn) in zip(children, children[1:]):
-                if isinstance(conv, _CONVS) and isinstance(bn, _NORMS):
+                if isinstance(conv, FOLD_CONVS) and isinstance(bn, FOLD_NORMS):
                     prefix = f"{name}." if name else ""
                     pairs.append((prefix + a, prefix + b))
     return pairs
@@ -79,11 +77,11 @@ def _autograd_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     # autograd nodes are taken when each module returns: an in-place op afterwards (SiLU(inplace=True)) moves a
     # tensor's grad_fn on
     for name, module in modules.items():
-        if isinstance(module, _CONVS):
+        if isinstance(module, FOLD_CONVS):
             handles.append(module.register_forward_hook(
                 lambda _m, _a, out, name=name: made.setdefault(name, []).append(
                     (out, out.grad_fn if torch.is_tensor(out) else None))))
-        elif isinstance(module, _NORMS):
+        elif isinstance(module, FOLD_NORMS):
             handles.append(module.register_forward_hook(
                 lambda _m, args, out, name=name: read.setdefault(name, []).append(
                     (args[0] if args and torch.is_tensor(args[0]) else None,
@@ -180,11 +178,6 @@ def _is_plain_bias(bn: nn.Module) -> bool:
     return bool(one and bn.running_mean.eq(0).all() and bn.weight.eq(1).all())
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 @torch.no_grad()
 def remove_batchnorms(model: nn.Module, batch: Any) -> list[list[str]]:
     """Fold every conv -> BN pair of `model` (found on `batch`) into the conv for inference and replace the BN
@@ -211,6 +204,6 @@ def remove_batchnorms(model: nn.Module, batch: Any) -> list[list[str]]:
             conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
         dtype = bn.bias.dtype
         conv.bias = nn.Parameter(bias.to(dtype))
-        _set_submodule(model, bn_name, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
         removed.append([conv_name, bn_name])
     return removed

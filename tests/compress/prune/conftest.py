@@ -76,14 +76,8 @@ class ShuffleNet(nn.Module):
         return self.head(self.b(x))
 
 
-class FlipNet(nn.Module):
+class FlipNet(ShuffleNet):
     """Channels reversed (x.flip(1)): torch-pruning takes it for element-wise, the removal check must refuse it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = cbr(3, 32)
-        self.b = cbr(32, 32)
-        self.head = nn.Conv2d(32, 5, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.b(self.a(x).flip(1)))

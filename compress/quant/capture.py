@@ -195,7 +195,7 @@ def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: 
                 continue
             a, b = xq[site.name], xf[site.name]
             if site.name not in stats:
-                stats[site.name] = LayerStats.zeros(a.shape[0], a.shape[2], a.device)
+                stats[site.name] = LayerStats.zeros(a.shape[0], a.shape[2], a.device, weight=site.weight)
             stats[site.name].add(a, None if quant_model is None else b)
     return {name: st.finalize().expand(next(s.input_groups for s in sites if s.name == name)) for name, st in stats.items()}
 

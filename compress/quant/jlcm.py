@@ -185,8 +185,7 @@ def refit_codebooks(w: torch.Tensor, idx: torch.Tensor, row_group: torch.Tensor,
     g_in = stats.H.shape[0]
     in_group = torch.arange(rows, device=w.device) // (rows // g_in)
     if target is None:
-        w_g = w.reshape(g_in, rows // g_in, cols)
-        target = torch.bmm(w_g, stats.M.transpose(1, 2)).reshape(rows, cols)
+        target = stats.target(w)
     q = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
     chunk = max(1, max_elements // (cols * max(cols if g_in > 1 else 1, k)))
     for start in range(0, rows, chunk):
@@ -267,9 +266,8 @@ class _JointLearner:
         steps = max(config.calib_steps, 1)
         self.opt = torch.optim.Adam(params, lr=config.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
-        w_g = w.reshape(self.g_in, self.per_in, self.cols)
-        self.energy = (w_g * torch.bmm(w_g, stats.F)).sum().clamp_min(1e-30)
-        self.target = torch.bmm(w_g, stats.M.transpose(1, 2)).reshape(self.rows, self.cols)  # P: row r is M w_r
+        self.energy = stats.output_energy(w).clamp_min(1e-30)
+        self.target = stats.target(w)  # P: row r is M w_r
         diag = torch.diagonal(self.h, dim1=1, dim2=2)
         self.curvature = (2 * diag / self.energy).repeat_interleave(self.per_in, dim=0)  # d2L/dw^2, [R, C]
         self.move_cost = 0.5 * config.move_threshold * self.curvature

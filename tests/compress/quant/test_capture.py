@@ -39,7 +39,7 @@ def test_cached_float_inputs_give_the_same_statistics() -> None:
         direct = collect_stats(model, None, [site], batches, counts, 50, seed=3)[site.name]
         cached = collect_stats(model, None, [site], batches, counts, 50, seed=3,
                                float_inputs={site.name: cache.get(site)})[site.name]
-        assert torch.allclose(direct.H, cached.H) and torch.allclose(direct.M, cached.M), site.name
+        assert torch.allclose(direct.H, cached.H) and torch.allclose(direct.P, cached.P), site.name
         # 50 rows per layer: 17 sampled positions per batch for convs; the linear layer sees 4 rows a batch
         assert direct.samples == cached.samples == (12 if site.kind == "linear" else 51)
     assert cache.passes >= 2, "a small budget caches a few layers per float pass"

@@ -30,7 +30,10 @@ class QuantConfig(Config):
                                    "(parameters and buffers, as the size report counts), instead of bits")
     allocation: Literal["uniform", "mixed"] = Field("uniform", description="same bits for every layer, or per-layer "
                                                     "bits from a measured sensitivity to meet the target")
-    bit_choices: tuple[int, ...] = Field((1, 2, 3, 4, 8), description="mixed: the bits a layer may get")
+    bit_choices: tuple[int, ...] = Field((1, 2, 3, 4, 5, 6, 8), description="mixed: the bits a layer may get")
+    estimated_bits: tuple[int, ...] = Field((5, 6), description="mixed: bit choices whose output error is not "
+                                            "measured but scaled from the next measured width below by the ratio "
+                                            "of their weights' squared errors (one forward per layer less each)")
     float_choice: bool = Field(False, description="mixed: a layer may also stay in float (32 bits a weight, counted "
                                "in the budget) when that is the best use of the bits, e.g. a small layer that even 8 "
                                "bits perturb (8 bits are then measured, not assumed lossless)")

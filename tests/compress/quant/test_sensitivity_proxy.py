@@ -32,3 +32,24 @@ def test_proxy_measures_the_middle_width_and_scales_the_others() -> None:
         errors = [proxy[name][b]["error"] for b in (1, 2, 3, 4)]
         assert errors == sorted(errors, reverse=True) and errors[0] > 0  # fewer bits, larger scaled error
     assert counts[0] - counts[1] == len(exact) * 3  # one forward per layer instead of four
+
+
+def test_estimated_widths_are_scaled_from_the_measured_width_below() -> None:
+    batches = [torch.randn(16, 16)]
+    opts = dict(allocation="mixed", bits=4, bit_choices=(2, 4, 5, 6, 8), float_choice=False, sensitivity_metric="mse")
+    counts = []
+
+    def run(**extra: object) -> dict:
+        model, calls = _model(), [0]
+        model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        out = plan_bits(model, batches, "jlcm", **opts, **extra)["sensitivity"]
+        counts.append(calls[0])
+        return out
+
+    exact, estimated = run(estimated_bits=()), run()  # the default estimates 5 and 6
+    for name in exact:
+        for b in (2, 4, 8):
+            assert estimated[name][b] == exact[name][b]
+        e4, e5, e6 = (estimated[name][b]["error"] for b in (4, 5, 6))
+        assert 0 <= e6 <= e5 < e4 and e5 != exact[name][5]["error"]
+    assert counts[0] - counts[1] == len(exact) * 2  # two forwards per layer fewer

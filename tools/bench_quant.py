@@ -1,10 +1,27 @@
 """Benchmark of `compress.quant`: jlcm vs kmeans vs rtn (2, 3, 4 bits) and nf4, on digits models or a run's stage.
 
-    python tools/bench_quant.py                                          # digits-cnn, trained here 8 epochs
-    python tools/bench_quant.py --model timm:mobilenetv3_large_100 --epochs 30 --save /tmp/mbv3.pt
-    python tools/bench_quant.py --model timm:mobilenetv3_large_100 --checkpoint /tmp/mbv3.pt --ablation
-    python tools/bench_quant.py --run-dir runs/digits-yolo-final --stage distill  # a run's stage, its own task
-    python tools/bench_quant.py --timing --model timm:mobilenetv3_large_100 --image-size 224 --calib-images 256
+The inputs of every table in docs/BENCHMARKS.md "Quantization (issue 5)", from a fresh clone (one thread):
+
+    # digits-cnn: trained here (seed 0, 8 epochs), saved, then benchmarked from the saved state dict
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --seed 0 --epochs 8 --save digits_cnn.pt
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --seed 0 --checkpoint digits_cnn.pt --ablation
+    # timm models: random init (seeded by --seed), 30 epochs on digits at 32 px
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --model timm:mobilenetv3_large_100 --seed 0 --epochs 30 --save mbv3.pt
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --model timm:mobilenetv3_large_100 --seed 0 --checkpoint mbv3.pt --ablation
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --model timm:resnet18 --seed 0 --epochs 30 --save r18.pt
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --model timm:resnet18 --seed 0 --checkpoint r18.pt --ablation
+    # digits-yolo: the distill stage of the committed demo recipe (seed 0), then its checkpoint
+    OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --run-dir runs/yolo-s0 --stage distill --ablation
+    # timing only (random init, random calibration images, both from --seed)
+    OMP_NUM_THREADS=1 python tools/bench_quant.py --timing --model timm:mobilenetv3_large_100 --image-size 224 \
+        --calib-images 256
+
+Seeds: `--seed` (default 0) seeds torch, numpy and random before any model or dataset is built; the model's
+initial weights and its training order come from it. (Before commit 9436df9 the model was built before the
+seed was set, so checkpoints saved by older versions cannot be rebuilt.) The run directory of `--run-dir` is
+made by `compress run`, which seeds every stage from the recipe's seed. The first line printed says the
+model, data, seed, epochs or checkpoint and the torch thread count.
 
 Model mode (--model): random-init models are trained briefly on the digits train split (32 px, AdamW,
 one-cycle, +-2 px shifts), then every method quantizes a copy with the calib split's images only (180) and
@@ -33,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 import compress.quant as cq
 from calib import get_dataset
@@ -88,7 +106,7 @@ class Bench:
 
 def digits_bench(args: argparse.Namespace) -> Bench:
     bench = Bench()
-    torch.manual_seed(args.seed)  # the model's initial weights come from the seed too
+    set_seed(args.seed)  # the model's initial weights come from the seed too
     model = build_model(args.model, num_classes=10)
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
@@ -142,9 +160,9 @@ def timing(args: argparse.Namespace) -> None:
     """Wall and CPU time of one jlcm run on a random-init model and random calibration images."""
     import os
 
-    torch.manual_seed(0)
+    set_seed(args.seed)
     model = build_model(args.model, num_classes=1000).eval()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     size, n = args.image_size, args.calib_images
     calib = [torch.rand(min(32, n - i), 3, size, size, generator=gen) for i in range(0, n, 32)]
     options = {"bits": 2.0, **json.loads(args.options)}
@@ -192,6 +210,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    set_seed(args.seed)  # torch, numpy and random, before any model or dataset is built
+    source = (f"run {args.run_dir} stage {args.stage}" if args.run_dir else
+              f"model {args.model} on digits, " + (f"checkpoint {args.checkpoint}" if args.checkpoint else
+                                                   f"trained {args.epochs} epochs"))
+    print(f"bench_quant: {source}; seed {args.seed}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s)", flush=True)
     if args.timing:
         timing(args)
         return

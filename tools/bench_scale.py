@@ -14,6 +14,12 @@ smallest model for reference.
     OMP_NUM_THREADS=1 python tools/bench_scale.py --out runs/scale                       # the default models
     python tools/bench_scale.py --out runs/scale --models timm:resnet18 --settings 4bit --samples 16
     python tools/bench_scale.py --out runs/scale --threads 2                             # 2 torch threads
+
+The docs/BENCHMARKS.md row (issue 17): `OMP_NUM_THREADS=1 python tools/bench_scale.py --out runs/scale --models
+timm:mobilenetv2_100 --settings 4bit`. Inputs: none made elsewhere (random init, photos bundled with installed
+packages). Seeds: each worker seeds torch, numpy and random with 0 before building anything, and
+`compress.shrink` seeds itself with 0 before building its model. The first line printed gives the machine,
+threads, crops and size; each result line the model and setting.
 """
 from __future__ import annotations
 
@@ -40,8 +46,10 @@ SETTINGS = {"4bit": {"bits": 4.0, "prune": 0.0}, "prune0.3+4bit": {"bits": 4.0, 
 WORKER = r"""
 import json, os, resource, sys, time
 import torch
+from accelerate.utils import set_seed
 spec, size, samples, bits, prune, out, threads, options = sys.argv[1:9]
 torch.set_num_threads(int(threads))
+set_seed(0)  # before any model is built; compress.shrink below seeds itself with 0 too
 phases = {}
 def timed(module, name, key):
     fn = getattr(module, name)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.threads)
     pairs = [(m, s) for m in args.models for s in args.settings]
     skipped = sum(p in done for p in pairs) if not args.redo else 0
-    print(f"bench_scale: {info['cpu']}, {info['cores']} cores, {args.threads} thread(s), load {info['load_average']}; "
+    print(f"bench_scale: {info['cpu']}, {info['cores']} cores, {args.threads} thread(s), seed 0, load {info['load_average']}; "
           f"{len(pairs)} runs, {skipped} already done ({args.samples} crops, {args.size} px)", flush=True)
     for i, (spec, setting) in enumerate(pairs):
         if (spec, setting) in done and not args.redo:

@@ -1,12 +1,17 @@
 """Benchmark of `compress shrink` on a real trained checkpoint: how often the shrunk model keeps the
 original model's top-1 on held-back images, JLCM against plain round-to-nearest (rtn) at the same bits.
 
-    OMP_NUM_THREADS=1 python tools/bench_shrink.py
-    OMP_NUM_THREADS=1 python tools/bench_shrink.py --prune 0 0.3 --recover-steps 0 100
+From a fresh clone (the table of docs/BENCHMARKS.md "Shrink (issue 7)"; one thread):
 
-Default checkpoint: the digits classifier trained by `compress run recipes/digits-cls.yaml` (its finetune
-stage, `runs/cls-full/stages/01-finetune/model.safetensors`, model `compress:digits-cnn`, 10 classes,
-32 px). Every setting runs `compress.shrink.shrink` (the same code as the CLI) on the calib split only
+    OMP_NUM_THREADS=1 compress run recipes/digits-cls.yaml --out runs/cls-full --set seed=0
+    OMP_NUM_THREADS=1 python tools/bench_shrink.py --checkpoint runs/cls-full/stages/01-finetune/model.safetensors \
+        --bits 4 3 2 --prune 0 0.5 --recover-steps -1 0 100
+
+Default checkpoint: the digits classifier trained by that `compress run` (its finetune stage,
+`runs/cls-full/stages/01-finetune/model.safetensors`, model `compress:digits-cnn`, 10 classes, 32 px; only the
+finetune stage is used). Seeds: the script seeds torch, numpy and random with --seed (default 0) before
+building the model, and every shrink runs with that seed (shrink seeds itself before building its copy).
+It prints the checkpoint, data, seed and thread count. Every setting runs `compress.shrink.shrink` (the same code as the CLI) on the calib split only
 (unlabelled use), writes the artifact, reloads it with `compress.load` (with the manifest's preprocessing)
 and compares its top-1 with the original model's on the val split, which calibration never sees.
 Columns: agreement = share of val images where the shrunk model's top-1 equals the original's; top-1 =
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 import compress
 from calib import get_dataset
@@ -59,9 +65,13 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, nargs="+", default=[0],
                         help="distillation steps after pruning; -1: no recover stage at all (not even BN)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the script and of every shrink")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    print(f"bench_shrink: {args.model} from {args.checkpoint}; calib {args.calib}:calib x {args.calib_samples}, "
+          f"val {args.val}:val; seed {args.seed}; {torch.get_num_threads()} thread(s)", flush=True)
 
     original = build_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint)
     rows = []
@@ -74,7 +84,8 @@ def main() -> None:
                         t0 = time.perf_counter()
                         result = shrink(args.checkpoint, args.model, out, args.num_classes, prune=prune, bits=bits,
                                         method=method, calib=args.calib, calib_samples=args.calib_samples,
-                                        recover=steps >= 0, recover_steps=max(steps, 0), quiet=True)
+                                        recover=steps >= 0, recover_steps=max(steps, 0), quiet=True,
+                                        seed=args.seed)
                         seconds = time.perf_counter() - t0
                         pre = Preprocessing.from_dict(result["preprocessing"])
                         val = Prepared(get_dataset(args.val, "val"), pre, "classification")

@@ -7,9 +7,20 @@ variant: the metric, its drop from the baseline (the run's first stage), the art
 fp32 baseline's bytes, bits per parameter (every stored tensor; the file) and where the bytes go
 (compress.format.breakdown).
 
-Example (issue 13):
-  OMP_NUM_THREADS=1 python tools/bench_size.py --run-dir runs/digits-yolo --recipe recipes/digits-yolo.yaml \
-      --bits 2 1.75 1.5 --variant fold_bn=false@2 --out runs/size-yolo
+From a fresh clone (issue 13's tables in docs/BENCHMARKS.md; one thread). --run-dir is a finished run of
+--recipe made with the same --set overrides:
+
+  OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
+  OMP_NUM_THREADS=1 python tools/bench_size.py --run-dir runs/yolo-s0 --recipe recipes/digits-yolo.yaml \
+      --set seed=0 --bits 1.75 2 1.5 1.25 --variant fold_bn=false@1.75 --out runs/size-yolo
+  OMP_NUM_THREADS=1 compress run recipes/digits-cls.yaml --out runs/cls-s0 --set seed=0
+  OMP_NUM_THREADS=1 python tools/bench_size.py --run-dir runs/cls-s0 --recipe recipes/digits-cls.yaml \
+      --set seed=0 --bits 2 1.75 1.5 --out runs/size-cls
+
+Other seeds: `--set seed=S` in both commands (and `--out runs/cls-sS`, `--out runs/size-cls-sS`). Seeds: the
+forked runs resume the recipe, so the pipeline seeds torch, numpy and random from the recipe's seed before
+each stage; the script itself seeds with the recipe's seed before anything. It prints the run, recipe,
+seed and thread count.
 """
 from __future__ import annotations
 
@@ -98,12 +109,17 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from accelerate.utils import set_seed
 
+    from compress.recipe import load_recipe
+
+    seed = load_recipe(args.recipe, list(args.base)).seed
+    set_seed(seed)  # the resumed runs seed every stage themselves from the recipe's seed
     variants = [[f"bits={b}"] for b in args.bits]
     for v in args.variant:
         opts, _, bits = v.partition("@")
         variants.append([f"bits={float(bits or 2.0)}", *opts.split(",")])
-    print(f"bench_size: run {args.run_dir}, recipe {args.recipe}, torch {torch.__version__}, "
+    print(f"bench_size: run {args.run_dir}, recipe {args.recipe} (seed {seed}, --set {args.base}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}", flush=True)
     rows = []
     for overrides in variants:

@@ -1,7 +1,18 @@
 """Check `compress.onnx.export_onnx` on an artifact: ONNX sizes, and onnxruntime vs `compress.load` outputs.
 
-    python tools/check_onnx.py                                        # runs/digits-yolo-final, digits-detect:val
+    python tools/check_onnx.py                                        # runs/yolo-s0's artifact, digits-detect:val
     python tools/check_onnx.py ARTIFACT --data digits:val --images 64 --map
+
+ARTIFACT is the model.safetensors a `compress run` writes. From a fresh clone (one thread):
+
+    OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/check_onnx.py runs/yolo-s0/model.safetensors --data digits-detect:val --map
+    OMP_NUM_THREADS=1 compress run recipes/digits-cls.yaml --out runs/cls-s0 --set seed=0
+    OMP_NUM_THREADS=1 python tools/check_onnx.py runs/cls-s0/model.safetensors --data digits:val --map
+
+(`tools/bench_size.py --out runs/size-yolo` writes one artifact per bit budget, e.g.
+runs/size-yolo/bits1.75/model.safetensors.) Nothing here is random (seeds are set to 0 all the same, before the
+artifact is loaded); the first line printed gives the artifact, data, opset and thread count.
 
 Exports the artifact packed and dense (into --out-dir, a temporary folder by default), runs the first
 --images images of the split through `compress.load(ARTIFACT)` and through both ONNX files in onnxruntime
@@ -55,7 +66,7 @@ def _as_list(out) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("artifact", nargs="?", default="runs/digits-yolo-final/model.safetensors")
+    parser.add_argument("artifact", nargs="?", default="runs/yolo-s0/model.safetensors")
     parser.add_argument("--data", default="digits-detect:val", help="SOURCE:SPLIT of the images")
     parser.add_argument("--images", type=int, default=32, help="images compared output by output")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -65,6 +76,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    print(f"check_onnx: {args.artifact}, data {args.data} ({args.images} images compared), opset "
+          f"{args.opset or 'default'}, seed 0, {torch.get_num_threads()} torch thread(s), {args.threads} onnxruntime "
+          "thread(s)", flush=True)
 
     import compress
     from calib import get_dataset

@@ -11,6 +11,10 @@ has the pruner's reason in the reason column ("target missed: ... kept whole: ..
     python tools/zoo.py --out runs/zoo                          # everything (hours on a 2-core machine)
     python tools/zoo.py --out runs/zoo --models timm:resnet18 torchvision:shufflenet_v2_x0_5
     python tools/zoo.py --out runs/zoo --families smoke         # the small cross-family set the tests use
+
+Inputs: none made elsewhere (random init, calibration images of the bundled data sets). Seeds: each worker seeds
+torch, numpy and random with 0 before building anything, and `compress.shrink` seeds itself with 0 before building
+its model; one torch thread per worker. The first line printed gives the settings, the seed and the thread count.
 """
 from __future__ import annotations
 
@@ -52,7 +56,9 @@ SMOKE = ("torchvision:shufflenet_v2_x0_5", "torchvision:densenet121", "timm:mobi
 WORKER = r"""
 import json, sys, time, traceback
 import torch
+from accelerate.utils import set_seed
 torch.set_num_threads(1)
+set_seed(0)  # before any model is built; compress.shrink below seeds itself with 0 too
 spec, task, classes, size, prune, bits, calib, samples, out, method = sys.argv[1:11]
 step = ["build"]
 lines = []
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     done = {json.loads(line)["model"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
     models = args.models or all_models(args.families)
     print(f"zoo: {len(models)} models, {sum(m in done for m in models)} already done "
-          f"(prune {args.prune}, {args.bits} bits {args.method}, {args.size} px, {args.samples} calibration images)",
+          f"(prune {args.prune}, {args.bits} bits {args.method}, {args.size} px, {args.samples} calibration images of "
+          f"{args.calib}; seed 0, 1 thread per model)",
           flush=True)
     for i, spec in enumerate(models):
         if spec in done:

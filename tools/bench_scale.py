@@ -3,9 +3,9 @@
 For each model (timm / torchvision, random init) and each setting, in a fresh process (a crash, hang or memory
 blow-up of one never stops the run): `compress.shrink(None, MODEL, ...)` on `--samples` crops of `photos:calib`
 at `--size` px, 1000 classes, quiet. Settings: `4bit` (JLCM, `--bits 4`), `prune0.3+4bit` (`--prune 0.3
---bits 4`, the default recovery), `3bit` (JLCM `--bits 3` alone). Each result (wall seconds, peak RSS of the
+--bits 4`, the default recovery), `3bit` (JLCM 3 bits in every layer: `allocation: uniform`, no mixed search). Each result (wall seconds, peak RSS of the
 worker, its CPU seconds, which a loaded machine does not inflate,
-seconds per quantization phase, parameters) is one JSON line of OUT/scale.jsonl; a killed run resumes
+seconds per quantization phase, parameters; the worker applies the CLI's `retain_freed_memory` first) is one JSON line of OUT/scale.jsonl; a killed run resumes
 (a (model, setting) pair already there is skipped; `--redo` runs them again). At the end OUT/scale.json holds
 every result with the machine (CPU, cores, threads, load average before and after each run) and
 OUT/scale.png plots seconds against parameters per setting (matplotlib), with the linear fit through the
@@ -41,7 +41,8 @@ DEFAULT_MODELS = ("timm:mobilenetv2_100",  # 3.5 M, depthwise
                   "timm:resnet50",  # 25.6 M, the issue's model
                   "timm:convnext_tiny")  # 28.6 M, large linears (MLP blocks)
 SETTINGS = {"4bit": {"bits": 4.0, "prune": 0.0}, "prune0.3+4bit": {"bits": 4.0, "prune": 0.3},
-            "3bit": {"bits": 3.0, "prune": 0.0}}
+            # JLCM at 3 bits in every layer: no mixed-precision search, the "JLCM 3-bit alone" of issue 17
+            "3bit": {"bits": 3.0, "prune": 0.0, "options": {"allocation": "uniform"}}}
 
 WORKER = r"""
 import json, os, resource, sys, time
@@ -49,6 +50,8 @@ import torch
 from accelerate.utils import set_seed
 spec, size, samples, bits, prune, out, threads, options = sys.argv[1:9]
 torch.set_num_threads(int(threads))
+from compress.cli import retain_freed_memory
+retain_freed_memory()  # as the `compress` CLI does at start
 set_seed(0)  # before any model is built; compress.shrink below seeds itself with 0 too
 phases = {}
 def timed(module, name, key):
@@ -105,7 +108,8 @@ def run_one(spec: str, setting: str, args: argparse.Namespace) -> dict:
     artifact = args.out / "artifacts" / f"{spec.replace(':', '_')}-{setting}.safetensors"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", WORKER, spec, str(args.size), str(args.samples), str(values["bits"]),
-           str(values["prune"]), str(artifact), str(args.threads), args.options]
+           str(values["prune"]), str(artifact), str(args.threads),
+           json.dumps({**values.get("options", {}), **json.loads(args.options)})]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     load_before = list(os.getloadavg())
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+from compress.distill.losses import output_distillation_loss
 from compress.stages.recover import RecoverConfig, distill_steps, drop_graph_caches
 
 
@@ -59,3 +60,29 @@ def test_drop_graph_caches_leaves_parameters_buffers_and_plain_values():
     assert model.attention_bias_cache == {} and model.last.grad_fn is None
     assert isinstance(model.attention_biases, nn.Parameter) and model.idxs.shape == (6,)
     assert drop_graph_caches(model) == 0
+
+
+def test_teacher_runs_once_per_batch_and_the_steps_are_unchanged():
+    """The batches cycle unchanged and the teacher is frozen: its outputs are computed once per batch, and the
+    losses are those of a loop that runs the teacher at every step."""
+    torch.manual_seed(0)
+    teacher, student = nn.Sequential(nn.Linear(6, 5)), nn.Sequential(nn.Linear(6, 5))
+    batches = [torch.randn(4, 6) for _ in range(3)]
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    reference = nn.Sequential(nn.Linear(6, 5))
+    reference.load_state_dict(student.state_dict())
+    losses = distill_steps(student, teacher, batches, RecoverConfig(steps=7, lr=1e-2), "classification")
+    assert len(calls) == 3, "one teacher forward per distinct batch"
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    expected = []
+    for step in range(7):
+        x = batches[step % 3]
+        with torch.no_grad():
+            target = teacher(x)
+        loss = output_distillation_loss(reference(x), target, "classification", RecoverConfig().temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        expected.append(loss.item())
+    assert losses == expected

@@ -19,6 +19,7 @@ from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
 from compress.quant.replay import Replay
 from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
+from compress.models.memory_format import channels_last_on_cpu
 from compress.quant.plan import allocate_bits, measure_sensitivity
 from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss
@@ -106,7 +107,8 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     was_training = model.training
     model.eval()
     try:
-        plan = _quantize(model, sites, batches, spec, config, progress)
+        with channels_last_on_cpu(model):
+            plan = _quantize(model, sites, batches, spec, config, progress)
     finally:
         model.train(was_training)
     plan["summary"]["seconds"] = round(time.perf_counter() - start, 3)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from compress.distill.losses import output_distillation_loss
+from compress.models.memory_format import channels_last_on_cpu
 from compress.models.protocol import raw_outputs
 from compress.config import Config
 from compress.stages.spec import StageSpec
@@ -137,20 +138,25 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
 def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Module:
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch).to(ctx.device) for batch in loader]
+    with channels_last_on_cpu(model):
+        _recover(model, config, ctx, batches)
+    return model
+
+
+def _recover(model: nn.Module, config: RecoverConfig, ctx: RunContext, batches: list[torch.Tensor]) -> None:
     if config.bn:
         with ctx.progress("recover: BatchNorm statistics", total=len(batches)) as advance:
             count = reestimate_bn(model, batches, lambda: advance())
         ctx.log(f"recover: re-estimated {count} BatchNorm layers on {sum(len(b) for b in batches)} calibration images"
                 if count else "recover: no BatchNorm layer to re-estimate")
     if config.steps:
-        teacher = load_teacher("before-prune", ctx)
-        with ctx.progress("recover: distillation", total=config.steps) as advance:
-            losses = distill_steps(model, teacher.to(ctx.device), batches, config, ctx.task.name, advance)
+        teacher = load_teacher("before-prune", ctx).to(ctx.device)
+        with ctx.progress("recover: distillation", total=config.steps) as advance, channels_last_on_cpu(teacher):
+            losses = distill_steps(model, teacher, batches, config, ctx.task.name, advance)
         ctx.log(f"recover: {config.steps} output-distillation steps from the unpruned model, "
                 f"loss {losses[0]:.4g} -> {sum(losses[-5:]) / len(losses[-5:]):.4g} (mean of the last 5)")
         if config.bn:
             reestimate_bn(model, batches)
-    return model
 
 
 STAGE = StageSpec("recover", RecoverConfig, recover, trains=True)

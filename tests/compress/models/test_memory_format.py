@@ -1,4 +1,5 @@
-"""channels_last_on_cpu: channels-last inside the block, the default layout after, the same outputs."""
+"""channels_last_on_cpu: opt-in; channels-last inside the block, the default layout after, the same outputs."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -9,6 +10,11 @@ def _convnet() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
 
 
 def test_conv_weights_are_channels_last_inside_and_contiguous_after():
@@ -34,11 +40,15 @@ def test_layout_is_restored_when_the_block_raises():
     assert model[0].weight.is_contiguous()
 
 
-def test_models_without_conv2d_and_the_opt_out_are_left_alone(monkeypatch):
+def test_models_without_conv2d_and_the_default_are_left_alone(monkeypatch):
     linear = nn.Sequential(nn.Linear(4, 4))
     with channels_last_on_cpu(linear, None):
         assert linear[0].weight.is_contiguous()
-    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "0")
-    model = _convnet()
-    with channels_last_on_cpu(model):
-        assert model[0].weight.is_contiguous()
+    for value in (None, "0"):
+        if value is None:
+            monkeypatch.delenv("COMPRESS_CHANNELS_LAST")
+        else:
+            monkeypatch.setenv("COMPRESS_CHANNELS_LAST", value)
+        model = _convnet()
+        with channels_last_on_cpu(model):
+            assert model[0].weight.is_contiguous(), value

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from compress.config import Config
 from compress.distill.losses import output_distillation_loss
 from compress.models.memory_format import channels_last_on_cpu
 from compress.models.protocol import raw_outputs
-from compress.config import Config
 from compress.stages.spec import StageSpec
 from compress.stages.teacher import load_teacher
 

@@ -3,10 +3,11 @@
 For each model (timm / torchvision, random init) and each setting, in a fresh process (a crash, hang or memory
 blow-up of one never stops the run): `compress.shrink(None, MODEL, ...)` on `--samples` crops of `photos:calib`
 at `--size` px, 1000 classes, quiet. Settings: `4bit` (JLCM, `--bits 4`), `prune0.3+4bit` (`--prune 0.3
---bits 4`, the default recovery), `3bit` (JLCM 3 bits in every layer: `allocation: uniform`, no mixed search). Each result (wall seconds, peak RSS of the
-worker, its CPU seconds, which a loaded machine does not inflate,
-seconds per quantization phase, parameters; the worker applies the CLI's `retain_freed_memory` first) is one JSON line of OUT/scale.jsonl; a killed run resumes
-(a (model, setting) pair already there is skipped; `--redo` runs them again). At the end OUT/scale.json holds
+--bits 4`, the default recovery), `3bit` (JLCM 3 bits in every layer: `allocation: uniform`, no mixed search).
+The worker applies the CLI's `retain_freed_memory` first. Each result (wall seconds, peak RSS of the worker,
+its CPU seconds, which a loaded machine does not inflate, seconds per quantization phase, parameters) is one
+JSON line of OUT/scale.jsonl; a killed run resumes (a (model, setting) pair already there is skipped; `--redo`
+runs them again). At the end OUT/scale.json holds
 every result with the machine (CPU, cores, threads, load average before and after each run) and
 OUT/scale.png plots seconds against parameters per setting (matplotlib), with the linear fit through the
 smallest model for reference.

@@ -15,11 +15,11 @@ from compress.evaluate.size import count_params, storage_bytes
 from compress.format.layers import attach_quantized
 from compress.format.restorers import PLAN_FORMAT
 from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits
+from compress.models.memory_format import channels_last_on_cpu
 from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
 from compress.quant.replay import Replay
 from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
-from compress.models.memory_format import channels_last_on_cpu
 from compress.quant.plan import allocate_bits, measure_sensitivity
 from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss

@@ -107,7 +107,7 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     was_training = model.training
     model.eval()
     try:
-        with channels_last_on_cpu(model):
+        with channels_last_on_cpu(model, scope="fit"):
             plan = _quantize(model, sites, batches, spec, config, progress)
     finally:
         model.train(was_training)
@@ -155,7 +155,8 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
         raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
     choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
     sens_batches = _first_samples(batches, config.sensitivity_samples)
-    sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
+    with channels_last_on_cpu(model, scope="sensitivity"):
+        sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
     budget = plan_budget_bits(model, ordered, config)
     layer_bits, feasible = allocate_bits(sensitivity, budget)
     if not feasible:

@@ -138,7 +138,7 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
 def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Module:
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch).to(ctx.device) for batch in loader]
-    with channels_last_on_cpu(model):
+    with channels_last_on_cpu(model, scope="recovery"):
         _recover(model, config, ctx, batches)
     return model
 
@@ -151,7 +151,7 @@ def _recover(model: nn.Module, config: RecoverConfig, ctx: RunContext, batches: 
                 if count else "recover: no BatchNorm layer to re-estimate")
     if config.steps:
         teacher = load_teacher("before-prune", ctx).to(ctx.device)
-        with ctx.progress("recover: distillation", total=config.steps) as advance, channels_last_on_cpu(teacher):
+        with ctx.progress("recover: distillation", total=config.steps) as advance, channels_last_on_cpu(teacher, scope="recovery"):
             losses = distill_steps(model, teacher, batches, config, ctx.task.name, advance)
         ctx.log(f"recover: {config.steps} output-distillation steps from the unpruned model, "
                 f"loss {losses[0]:.4g} -> {sum(losses[-5:]) / len(losses[-5:]):.4g} (mean of the last 5)")

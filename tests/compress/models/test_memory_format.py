@@ -1,4 +1,5 @@
-"""channels_last_on_cpu: opt-in; channels-last inside the block, the default layout after, the same outputs."""
+"""channels_last_on_cpu: channels-last inside the block for the scopes that are on, the default layout after,
+the same outputs; by default the sensitivity and recovery scopes are on, the fits off."""
 import pytest
 import torch
 import torch.nn as nn
@@ -12,43 +13,62 @@ def _convnet() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
 
 
-@pytest.fixture(autouse=True)
-def opted_in(monkeypatch):
+def _is_channels_last(model: nn.Module) -> bool:
+    w = model[0].weight
+    return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def test_conv_weights_are_channels_last_inside_and_contiguous_after(monkeypatch):
     monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
-
-
-def test_conv_weights_are_channels_last_inside_and_contiguous_after():
     model, x = _convnet(), torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         before = model(x)
-    with channels_last_on_cpu(model):
-        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert not model[0].weight.is_contiguous()
+    with channels_last_on_cpu(model, scope="fit"):
+        assert _is_channels_last(model)
         with torch.no_grad():
             inside = model(x)
     assert model[0].weight.is_contiguous() and model[3].weight.is_contiguous()
     torch.testing.assert_close(inside, before, rtol=1e-5, atol=1e-6)
 
 
-def test_layout_is_restored_when_the_block_raises():
+def test_layout_is_restored_when_the_block_raises(monkeypatch):
+    monkeypatch.delenv("COMPRESS_CHANNELS_LAST", raising=False)
     model = _convnet()
     try:
-        with channels_last_on_cpu(model):
+        with channels_last_on_cpu(model, scope="sensitivity"):
+            assert _is_channels_last(model)
             raise RuntimeError("stage failed")
     except RuntimeError:
         pass
     assert model[0].weight.is_contiguous()
 
 
-def test_models_without_conv2d_and_the_default_are_left_alone(monkeypatch):
-    linear = nn.Sequential(nn.Linear(4, 4))
-    with channels_last_on_cpu(linear, None):
-        assert linear[0].weight.is_contiguous()
-    for value in (None, "0"):
-        if value is None:
-            monkeypatch.delenv("COMPRESS_CHANNELS_LAST")
-        else:
-            monkeypatch.setenv("COMPRESS_CHANNELS_LAST", value)
+@pytest.mark.parametrize(("value", "on"), [(None, {"sensitivity", "recovery"}), ("0", set()),
+                                           ("1", {"sensitivity", "fit", "recovery"})])
+def test_scopes_on_by_default_and_with_the_variable(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("COMPRESS_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("COMPRESS_CHANNELS_LAST", value)
+    for scope in ("sensitivity", "fit", "recovery"):
         model = _convnet()
-        with channels_last_on_cpu(model):
-            assert model[0].weight.is_contiguous(), value
+        with channels_last_on_cpu(model, scope=scope):
+            assert _is_channels_last(model) == (scope in on), (value, scope)
+        assert model[0].weight.is_contiguous()
+
+
+def test_an_inner_block_leaves_the_outer_layout(monkeypatch):
+    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
+    model = _convnet()
+    with channels_last_on_cpu(model, scope="fit"):
+        with channels_last_on_cpu(model, scope="sensitivity"):
+            assert _is_channels_last(model)
+        assert _is_channels_last(model)
+    assert model[0].weight.is_contiguous()
+
+
+def test_models_without_conv2d_are_left_alone(monkeypatch):
+    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
+    linear = nn.Sequential(nn.Linear(4, 4))
+    with channels_last_on_cpu(linear, None, scope="fit"):
+        assert linear[0].weight.is_contiguous()

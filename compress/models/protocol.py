@@ -1,7 +1,8 @@
 """The model protocol helpers every package shares: which forward a model takes, and nested tensors.
 
 - torchvision detectors take a list of images and return boxes after NMS; `raw_forward` runs their backbone and
-  head on a batch tensor (raw maps), so tracing, pruning, quantization and recovery see plain tensors;
+  head (two-stage: RPN head and ROI heads on fixed boxes) on a batch tensor (raw maps), so tracing, pruning,
+  quantization and recovery see plain tensors;
 - model outputs and batches are nested tuples / lists / dicts of tensors: `flat_tensors`, `float_outputs`,
   `to_device`, `map_tensors` walk them.
 """
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from compress.errors import PruneError
 
-__all__ = ["is_torchvision_detector", "is_detector", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
+__all__ = ["is_torchvision_detector", "is_detector", "proposal_grid", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
            "as_batch", "flat_tensors", "float_outputs", "to_device", "map_tensors", "tensors_in"]
 
 
@@ -31,12 +32,16 @@ def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
     torchvision detectors take a list of images, resize them and return boxes after NMS, which hides the
     layers from a trace; here they run backbone + head on the batch directly (their raw maps). A detector whose
     transform resizes to a fixed size (SSD, SSDlite: `fixed_size`) gets the batch resized to it, as its own forward
-    would: SSD300's last extra layers cannot run on a smaller map.
+    would: SSD300's last extra layers cannot run on a smaller map. Two-stage detectors (RPN + ROI heads) run the
+    RPN head and their ROI heads on `proposal_grid` boxes: fixed regions instead of the RPN's data-dependent
+    picks, so that any two models (student and teacher, float and quantized) see the same regions.
     """
     if is_torchvision_detector(model):
+        if hasattr(model, "rpn") and hasattr(model, "roi_heads") and hasattr(model, "backbone"):
+            return _two_stage_raw(model, x)
         if not hasattr(model, "head") or not hasattr(model, "backbone"):
-            raise PruneError(f"{type(model).__name__}: only one-stage torchvision detectors (backbone + head) "
-                             "can be pruned; two-stage models (RPN + ROI heads) are not supported")
+            raise PruneError(f"{type(model).__name__}: a torchvision detector without backbone + head (one-stage) "
+                             "or backbone + rpn + roi_heads (two-stage) is not supported")
         fixed = getattr(getattr(model, "transform", None), "fixed_size", None)
         if fixed and tuple(x.shape[-2:]) != tuple(fixed):  # SSD: its layers need the size its transform gives
             x = torch.nn.functional.interpolate(x, size=tuple(fixed), mode="bilinear", align_corners=False)
@@ -44,6 +49,37 @@ def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
         feats = list(feats.values()) if isinstance(feats, dict) else [feats]
         return model.head(feats)
     return model(x)
+
+
+def proposal_grid(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Fixed boxes [K, 4] (x1, y1, x2, y2) over a height x width image: squares and 2:1 / 1:2 boxes of 1/4, 1/2
+    and 3/4 of the short side, centred on a 4 x 4 grid, clipped to the image (K = 144)."""
+    side = min(height, width)
+    centres = [(height * (i + 0.5) / 4, width * (j + 0.5) / 4) for i in range(4) for j in range(4)]
+    boxes = []
+    for frac in (0.25, 0.5, 0.75):
+        for ratio in (1.0, 2.0, 0.5):
+            bh, bw = side * frac * ratio ** 0.5, side * frac / ratio ** 0.5
+            for cy, cx in centres:
+                boxes.append((max(cx - bw / 2, 0.0), max(cy - bh / 2, 0.0), min(cx + bw / 2, width), min(cy + bh / 2, height)))
+    return torch.tensor(boxes, dtype=torch.float32, device=device)
+
+
+def _two_stage_raw(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Faster / Mask / Keypoint R-CNN: backbone, RPN head, and each ROI head on `proposal_grid` boxes."""
+    feats = model.backbone(x)
+    objectness, rpn_deltas = model.rpn.head(list(feats.values()))
+    shapes = [tuple(x.shape[-2:])] * x.shape[0]
+    boxes = [proposal_grid(*x.shape[-2:], device=x.device).to(x.dtype)] * x.shape[0]
+    heads = model.roi_heads
+    class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, boxes, shapes)))
+    out = {"objectness": objectness, "rpn_deltas": rpn_deltas, "class_logits": class_logits,
+           "box_regression": box_regression}
+    if getattr(heads, "mask_roi_pool", None) is not None:
+        out["mask_logits"] = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(feats, boxes, shapes)))
+    if getattr(heads, "keypoint_roi_pool", None) is not None:
+        out["keypoint_logits"] = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(feats, boxes, shapes)))
+    return out
 
 
 class RawForward(nn.Module):

@@ -91,9 +91,10 @@ def read_checked_checkpoint(path: str) -> None:
 
 def check_supported(spec: str, model: nn.Module) -> None:
     """One-line refusals for model kinds the one-shot pipeline cannot take."""
-    if is_torchvision_detector(model) and not (hasattr(model, "head") and hasattr(model, "backbone")):
-        raise UserError(f"{spec}: two-stage torchvision detectors (RPN + ROI heads, e.g. "
-                        f"{type(model).__name__}) are not supported; use a one-stage detector (ssdlite, fcos, retinanet)")
+    if is_torchvision_detector(model) and not (hasattr(model, "backbone") and (
+            hasattr(model, "head") or (hasattr(model, "rpn") and hasattr(model, "roi_heads")))):
+        raise UserError(f"{spec}: a torchvision detector ({type(model).__name__}) needs backbone + head (one-stage) or "
+                        "backbone + rpn + roi_heads (two-stage) for the raw tensor protocol")
 
 
 def failing_layer(model: nn.Module, x: Any) -> tuple[str | None, BaseException | None]:

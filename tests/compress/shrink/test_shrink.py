@@ -212,10 +212,19 @@ def test_a_model_that_cannot_run_names_the_layer(tmp_path: Path) -> None:
     assert "layer patch_embed (PatchEmbed)" in message and "Input height (64)" in message and "\n" not in message
 
 
-def test_two_stage_detectors_are_refused_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="two-stage torchvision detectors"):
-        shrink(None, "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", tmp_path / "f.safetensors", 3,
-               task="detection", calib_samples=2)
+@pytest.mark.slow
+def test_two_stage_detector_end_to_end(tmp_path: Path) -> None:
+    """Faster R-CNN (RPN + ROI heads): pruned, recovered and quantized on its raw outputs (ROI heads on fixed
+    boxes); the artifact reloads with torchvision's protocol and the same raw outputs."""
+    out = tmp_path / "frcnn.safetensors"
+    result = shrink(None, "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", out, 3, task="detection",
+                    calib="digits-detect", prune=0.3, bits=4, method="rtn", calib_samples=2, batch_size=2,
+                    recover_steps=1, quiet=True)
+    assert abs(result["params_after"] / result["params_before"] - 0.7) <= 0.02, result
+    model = compress.load(out)
+    with torch.no_grad():
+        detections = model([torch.rand(3, 96, 96)])
+    assert set(detections[0]) == {"boxes", "scores", "labels"}
 
 
 @pytest.mark.slow

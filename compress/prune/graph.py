@@ -445,13 +445,45 @@ def _shared_channels() -> Iterator[list[tuple[int, int]]]:
         Group.add_and_merge = original
 
 
+class GroupWalkError(RuntimeError):
+    """torch-pruning's walk of a group maps channels to more indices than any layer of the model has."""
+
+
+@contextlib.contextmanager
+def _bounded_flatten(limit: int) -> Iterator[None]:
+    """Within the block, a flatten index mapping that yields more than `limit` indices raises GroupWalkError.
+
+    torch-pruning reads a reshape between channels and (heads, head_dim) as a flatten with stride head_dim; where
+    such mappings form a cycle (torchvision's Swin: the relative-position bias expanded over the heads and added to
+    the attention), each pass multiplies the index set by the stride (2 -> 64 -> 2,048 -> 65,536 -> 2 M indices on
+    swin_t) and the walk never ends. A real flatten never yields more indices than the widest layer has."""
+    original = index_mapping._FlattenIndexMapping.__call__
+
+    def bounded(self: Any, idxs: Any) -> Any:
+        out = original(self, idxs)
+        if len(out) > limit:
+            raise GroupWalkError(f"the walk cycles through a reshape ({len(out):,} indices, widest layer {limit:,})")
+        return out
+
+    index_mapping._FlattenIndexMapping.__call__ = bounded
+    try:
+        yield
+    finally:
+        index_mapping._FlattenIndexMapping.__call__ = original
+
+
+def _widest(model: nn.Module) -> int:
+    """The largest size of any dimension of any parameter: no real channel index reaches it."""
+    return max((max(p.shape) for p in model.parameters() if p.dim() > 0), default=1)
+
+
 def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> tuple[Any, list[np.ndarray]]:
     """The group of all of `module`'s output channels, re-rooted at a layer the group covers only in part
     (e.g. the conv before a `chunk`, when the walk started from one part), so the unit is complete; with the
     pairs of root elements that share a channel somewhere in the group (`_shared_channels`)."""
     for _ in range(4):
         pruner = graph.get_pruner_of_module(module)
-        with _shared_channels() as pairs:
+        with _shared_channels() as pairs, _bounded_flatten(_widest(graph.model)):
             group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                             list(range(pruner.get_out_channels(module))))
         partial = None

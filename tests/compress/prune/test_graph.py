@@ -249,3 +249,22 @@ def test_a_group_torch_pruning_cannot_walk_is_kept_whole(nets, monkeypatch):
     assert "torch-pruning cannot walk the channels of a.0 (ZeroDivisionError" in reasons["a.0"], reasons
     _prune(model, ratios={"*": 0.5})
     assert model.a[0].out_channels == 32 and model.b[0].out_channels < 16
+
+
+def test_a_group_walk_that_cycles_through_a_reshape_is_cut_short():
+    """torchvision's Swin: torch-pruning's flatten mappings around the relative-position bias cycle and multiply
+    the index set at each pass; the walk stops with a reason (the stream is kept whole), the rest is pruned."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    analysis = analyze(model, x)
+    reasons = [u.reason for u in analysis.units if u.reason]
+    assert any("cycles through a reshape" in r for r in reasons), reasons
+    assert any(u.reason is None for u in analysis.units), "the MLP hidden channels stay prunable"
+    before = model(x)
+    result = prune_model(model, PruneConfig(target={"params": 0.3}), x, log=lambda _: None)
+    assert abs(result.figures["params_ratio"] - 0.7) <= 0.02, result.figures
+    assert model(x).shape == before.shape

@@ -36,6 +36,14 @@ from compress.models.protocol import RawForward, as_batch, flat_tensors, raw_for
 Log = Callable[[str], None]
 
 
+class UnitRemovalError(PruneError):
+    """Removing these units breaks the model (torch-pruning mis-maps their channels); `units` names them."""
+
+    def __init__(self, message: str, units: Sequence[str]) -> None:
+        super().__init__(message)
+        self.units = [u.split("#")[0] for u in units]
+
+
 @dataclass
 class PruneResult:
     model: nn.Module
@@ -76,8 +84,26 @@ def prepare(model: nn.Module, example_input: Any, scope: ScopeConfig | None
     return x, was_training, before, analysis, units
 
 
-def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print) -> PruneResult:
-    """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used."""
+def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print,
+                retries: int = 3) -> PruneResult:
+    """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used.
+
+    When removing a unit breaks the model (torch-pruning mis-maps its channels), the model is put back, that
+    unit's layers are kept whole (added to `ignore`, with a warning) and the search runs again, so the target
+    is met from the other units; up to `retries` times, then the error is raised."""
+    pristine = copy.deepcopy(model) if retries > 0 else None
+    try:
+        return _prune_once(model, config, example_input, log)
+    except UnitRemovalError as exc:
+        if retries <= 0 or not exc.units or any(u in config.ignore for u in exc.units):
+            raise
+        model.__dict__.update(pristine.__dict__)  # the unpruned modules, in the object the caller holds
+        log(f"prune: WARNING {exc}; keeping {', '.join(exc.units)} whole and searching again")
+        retry = config.model_copy(update={"ignore": [*config.ignore, *exc.units]})
+        return prune_model(model, retry, example_input, log, retries - 1)
+
+
+def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: Log) -> PruneResult:
     x, was_training, before_figures, analysis, units = prepare(model, example_input, config)
     decider = Decider(units, config.vote, config.floor_share, config.floor_min)
     if config.target is not None:
@@ -146,8 +172,9 @@ def remove_units(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
         problem = compare_outputs(reference, model, x)
         if problem:
             culprit = _find_culprit(pristine, x, phase1, scope)
-            raise PruneError(f"pruning {culprit} gives a wrong model ({problem}); torch-pruning mis-maps its "
-                             f"channels: add '{culprit.split('#')[0]}' to the prune stage's ignore list")
+            raise UnitRemovalError(f"pruning {culprit} gives a wrong model ({problem}); torch-pruning mis-maps "
+                                   f"its channels: add '{culprit.split('#')[0]}' to the prune stage's ignore list",
+                                   [] if culprit == "several units together" else [culprit])
         del reference, pristine
     if phase2:
         expected = [t.shape for t in flat_tensors(_run(model, x))]
@@ -157,8 +184,9 @@ def remove_units(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
             try:
                 got = [t.shape for t in flat_tensors(_run(model, x))]
             except Exception as exc:
-                raise PruneError(f"after pruning {', '.join(u.name for u, _ in phase2)} the forward pass fails "
-                                 f"({type(exc).__name__}: {exc}); add them to the prune stage's ignore list") from exc
+                raise UnitRemovalError(f"after pruning {', '.join(u.name for u, _ in phase2)} the forward pass fails "
+                                       f"({type(exc).__name__}: {exc}); add them to the prune stage's ignore list",
+                                       [u.name for u, _ in phase2]) from exc
             if got != expected:
                 raise PruneError(f"pruning changed the output shapes from {expected} to {got}")
 

@@ -85,10 +85,23 @@ def test_groupnorm_units_stay_whole():
 def test_wrong_mapping_is_caught_and_the_layer_named(nets):
     model = nets["randomize_bn"](nets["flip"]())
     with pytest.raises(PruneError, match=r"pruning a\.0 gives a wrong model .* ignore list"):
-        _prune(model, ratios={"*": 0.5})
+        prune_model(model, PruneConfig(ratios={"*": 0.5}, floor_min=1), X, log=quiet, retries=0)
     model = nets["randomize_bn"](nets["flip"]())
     _prune(model, ratios={"*": 0.5}, ignore=["a.*"])
     assert model.a[0].out_channels == 32 and model.b[0].out_channels < 32
+
+
+def test_a_unit_whose_removal_breaks_the_model_is_kept_whole_and_the_rest_pruned(nets):
+    """By default the culprit is put back and kept whole (with a warning), and the search runs again."""
+    model = nets["randomize_bn"](nets["flip"]())
+    with torch.no_grad():
+        before = model(X)
+    lines = []
+    prune_model(model, PruneConfig(ratios={"*": 0.5}, floor_min=1), X, log=lines.append)
+    assert any("WARNING" in line and "keeping a.0 whole" in line for line in lines), lines
+    assert model.a[0].out_channels == 32 and model.b[0].out_channels < 32
+    with torch.no_grad():
+        assert model(X).shape == before.shape
 
 
 def test_channel_shuffle_is_found_by_structure(nets):

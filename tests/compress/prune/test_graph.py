@@ -281,3 +281,21 @@ def test_a_group_walk_that_cycles_through_a_reshape_is_cut_short():
     result = prune_model(model, PruneConfig(target={"params": 0.3}), x, log=lambda _: None)
     assert abs(result.figures["params_ratio"] - 0.7) <= 0.02, result.figures
     assert model(x).shape == before.shape
+
+
+def test_a_group_walk_past_its_entry_budget_stops():
+    """The entry budget of a walk (split / concat offsets cycling, timm's CoaT) raises GroupWalkError."""
+    import torch_pruning as tp
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    from compress.prune.graph import GroupWalkError, _bounded_walk
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 9, 9))
+    walk = lambda: graph.get_pruning_group(model[0], tp.prune_conv_out_channels, [0, 1])  # noqa: E731
+    with _bounded_walk(10**9, 100):
+        assert len(walk()) >= 3
+    with _bounded_walk(10**9, 2), pytest.raises(GroupWalkError, match="over 2 entries"):
+        walk()
+    with _bounded_walk(3, 100), pytest.raises(GroupWalkError, match="cycles through a reshape"):
+        _FlattenIndexMapping(stride=4)([tp._helpers._HybridIndex(idx=0, root_idx=0)])

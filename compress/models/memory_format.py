@@ -52,9 +52,22 @@ def channels_last_on_cpu(*models: nn.Module, scope: Scope) -> Iterator[None]:
     on = _scope_on(scope)
     switched = [m for m in models if on and m is not None and _wants_channels_last(m)]
     for model in switched:
-        model.to(memory_format=torch.channels_last)
+        _set_layout(model, torch.channels_last)
     try:
         yield
     finally:
         for model in switched:
-            model.to(memory_format=torch.contiguous_format)
+            _set_layout(model, torch.contiguous_format)
+
+
+def _set_layout(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """The 4-D parameters and buffers of `model` in `memory_format`. Not `model.to(memory_format=...)`, which
+    also tries 5-D tensors and fails on them (timm's lambda_resnet26t has 5-D position embeddings)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None and p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=memory_format)
+            for name, b in module._buffers.items():
+                if b is not None and b.dim() == 4:
+                    module._buffers[name] = b.contiguous(memory_format=memory_format)

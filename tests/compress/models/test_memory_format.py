@@ -72,3 +72,13 @@ def test_models_without_conv2d_are_left_alone(monkeypatch):
     linear = nn.Sequential(nn.Linear(4, 4))
     with channels_last_on_cpu(linear, None, scope="fit"):
         assert linear[0].weight.is_contiguous()
+
+
+def test_models_with_5d_parameters_are_switched_too(monkeypatch):
+    """Module.to(memory_format=channels_last) fails on 5-D tensors; only the 4-D ones are switched."""
+    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
+    model = _convnet()
+    model.register_parameter("pos", nn.Parameter(torch.randn(1, 2, 3, 4, 5)))
+    with channels_last_on_cpu(model, scope="fit"):
+        assert _is_channels_last(model) and model.pos.is_contiguous()
+    assert model[0].weight.is_contiguous()

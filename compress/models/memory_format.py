@@ -16,9 +16,9 @@ unchanged in form.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -46,13 +46,23 @@ def _wants_channels_last(model: nn.Module) -> bool:
 
 
 @contextmanager
-def channels_last_on_cpu(*models: nn.Module, scope: Scope) -> Iterator[None]:
+def channels_last_on_cpu(*models: nn.Module, scope: Scope, probe: Callable[[], Any] | None = None) -> Iterator[None]:
     """Within the block the 4-D weights and buffers of each CPU model with a Conv2d are channels-last when
-    `scope` is on (see the module docstring); on exit they are contiguous in the default layout again."""
+    `scope` is on (see the module docstring); on exit they are contiguous in the default layout again.
+    `probe` (e.g. one forward pass) is run once switched; if it raises, the models go back to the default layout
+    for the block: model code that assumes it (`x.view(B, -1)` on a conv output) keeps working."""
     on = _scope_on(scope)
     switched = [m for m in models if on and m is not None and _wants_channels_last(m)]
     for model in switched:
         _set_layout(model, torch.channels_last)
+    if switched and probe is not None:
+        try:
+            with torch.no_grad():
+                probe()
+        except RuntimeError:
+            for model in switched:
+                _set_layout(model, torch.contiguous_format)
+            switched = []
     try:
         yield
     finally:

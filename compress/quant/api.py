@@ -107,7 +107,7 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     was_training = model.training
     model.eval()
     try:
-        with channels_last_on_cpu(model, scope="fit"):
+        with channels_last_on_cpu(model, scope="fit", probe=lambda: model(batches[0]) if batches else None):
             plan = _quantize(model, sites, batches, spec, config, progress)
     finally:
         model.train(was_training)
@@ -155,7 +155,7 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
         raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
     choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
     sens_batches = _first_samples(batches, config.sensitivity_samples)
-    with channels_last_on_cpu(model, scope="sensitivity"):
+    with channels_last_on_cpu(model, scope="sensitivity", probe=lambda: model(sens_batches[0])):
         sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
     budget = plan_budget_bits(model, ordered, config)
     layer_bits, feasible = allocate_bits(sensitivity, budget)

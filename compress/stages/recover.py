@@ -138,9 +138,22 @@ def distill_steps(student: nn.Module, teacher: nn.Module, batches: list[torch.Te
 def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Module:
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch).to(ctx.device) for batch in loader]
-    with channels_last_on_cpu(model, scope="recovery"):
+    with channels_last_on_cpu(model, scope="recovery", probe=lambda: _probe(model, batches)):
         _recover(model, config, ctx, batches)
     return model
+
+
+def _probe(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """One forward of the first batch in eval mode, for `channels_last_on_cpu` to check the layout works."""
+    if not batches:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with raw_outputs(model):
+            model(batches[0])
+    finally:
+        model.train(was_training)
 
 
 def _recover(model: nn.Module, config: RecoverConfig, ctx: RunContext, batches: list[torch.Tensor]) -> None:
@@ -151,7 +164,7 @@ def _recover(model: nn.Module, config: RecoverConfig, ctx: RunContext, batches: 
                 if count else "recover: no BatchNorm layer to re-estimate")
     if config.steps:
         teacher = load_teacher("before-prune", ctx).to(ctx.device)
-        with ctx.progress("recover: distillation", total=config.steps) as advance, channels_last_on_cpu(teacher, scope="recovery"):
+        with ctx.progress("recover: distillation", total=config.steps) as advance, channels_last_on_cpu(teacher, scope="recovery", probe=lambda: _probe(teacher, batches)):
             losses = distill_steps(model, teacher, batches, config, ctx.task.name, advance)
         ctx.log(f"recover: {config.steps} output-distillation steps from the unpruned model, "
                 f"loss {losses[0]:.4g} -> {sum(losses[-5:]) / len(losses[-5:]):.4g} (mean of the last 5)")

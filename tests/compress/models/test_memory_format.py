@@ -82,3 +82,30 @@ def test_models_with_5d_parameters_are_switched_too(monkeypatch):
     with channels_last_on_cpu(model, scope="fit"):
         assert _is_channels_last(model) and model.pos.is_contiguous()
     assert model[0].weight.is_contiguous()
+
+
+class _ViewNet(nn.Module):
+    """`x.view(B, -1)` on a conv output: fails in channels-last (not viewable), works in the default layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 7 * 7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_a_model_whose_code_needs_the_default_layout_keeps_it(monkeypatch):
+    monkeypatch.setenv("COMPRESS_CHANNELS_LAST", "1")
+    model, x = _ViewNet().eval(), torch.randn(2, 3, 9, 9)
+    with channels_last_on_cpu(model, scope="fit"):
+        with pytest.raises(RuntimeError):
+            model(x)
+    with channels_last_on_cpu(model, scope="fit", probe=lambda: model(x)):
+        assert model.conv.weight.is_contiguous()
+        assert model(x).shape == (2, 2)
+    convnet = _convnet()
+    with channels_last_on_cpu(convnet, scope="fit", probe=lambda: convnet(x)):
+        assert _is_channels_last(convnet), "a probe that runs keeps the layout"

@@ -18,12 +18,25 @@ import torch.nn as nn
 
 from compress.errors import PruneError
 
-__all__ = ["is_torchvision_detector", "is_detector", "proposal_grid", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
+__all__ = ["is_torchvision_detector", "is_detector", "detector_stages", "proposal_grid", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
            "as_batch", "flat_tensors", "float_outputs", "to_device", "map_tensors", "tensors_in"]
 
 
 def is_torchvision_detector(model: nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.models.detection")
+
+
+UNSUPPORTED_DETECTOR = ("a torchvision detector needs backbone + head (one-stage) or backbone + rpn + roi_heads "
+                        "(two-stage) for the raw tensor protocol")
+
+
+def detector_stages(model: nn.Module) -> int | None:
+    """1 for a torchvision detector with backbone + head, 2 with backbone + rpn + roi_heads, None otherwise."""
+    if not hasattr(model, "backbone"):
+        return None
+    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
+        return 2
+    return 1 if hasattr(model, "head") else None
 
 
 def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
@@ -37,11 +50,11 @@ def raw_forward(model: nn.Module, x: torch.Tensor) -> Any:
     picks, so that any two models (student and teacher, float and quantized) see the same regions.
     """
     if is_torchvision_detector(model):
-        if hasattr(model, "rpn") and hasattr(model, "roi_heads") and hasattr(model, "backbone"):
+        stages = detector_stages(model)
+        if stages == 2:
             return _two_stage_raw(model, x)
-        if not hasattr(model, "head") or not hasattr(model, "backbone"):
-            raise PruneError(f"{type(model).__name__}: a torchvision detector without backbone + head (one-stage) "
-                             "or backbone + rpn + roi_heads (two-stage) is not supported")
+        if stages is None:
+            raise PruneError(f"{type(model).__name__}: {UNSUPPORTED_DETECTOR}")
         fixed = getattr(getattr(model, "transform", None), "fixed_size", None)
         if fixed and tuple(x.shape[-2:]) != tuple(fixed):  # SSD: its layers need the size its transform gives
             x = torch.nn.functional.interpolate(x, size=tuple(fixed), mode="bilinear", align_corners=False)
@@ -72,13 +85,20 @@ def _two_stage_raw(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     shapes = [tuple(x.shape[-2:])] * x.shape[0]
     boxes = [proposal_grid(*x.shape[-2:], device=x.device).to(x.dtype)] * x.shape[0]
     heads = model.roi_heads
-    class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, boxes, shapes)))
+
+    def roi_head(kind: str) -> Any:
+        pool = getattr(heads, f"{kind}_roi_pool", None)
+        if pool is None:
+            return None
+        return getattr(heads, f"{kind}_predictor")(getattr(heads, f"{kind}_head")(pool(feats, boxes, shapes)))
+
+    class_logits, box_regression = roi_head("box")
     out = {"objectness": objectness, "rpn_deltas": rpn_deltas, "class_logits": class_logits,
            "box_regression": box_regression}
-    if getattr(heads, "mask_roi_pool", None) is not None:
-        out["mask_logits"] = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(feats, boxes, shapes)))
-    if getattr(heads, "keypoint_roi_pool", None) is not None:
-        out["keypoint_logits"] = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(feats, boxes, shapes)))
+    for kind in ("mask", "keypoint"):
+        logits = roi_head(kind)
+        if logits is not None:
+            out[f"{kind}_logits"] = logits
     return out
 
 

@@ -490,13 +490,20 @@ def _widest(model: nn.Module) -> int:
     return max((max(p.shape) for p in model.parameters() if p.dim() > 0), default=1)
 
 
-def _full_group(graph: tp.DependencyGraph, module: nn.Module) -> tuple[Any, list[np.ndarray]]:
+def _walk_bounds(graph: tp.DependencyGraph) -> tuple[int, int]:
+    """`_bounded_walk`'s limits for this graph: the widest layer, and 8x its node count (at least 2,000)."""
+    return _widest(graph.model), max(8 * len(graph.module2node), 2000)
+
+
+def _full_group(graph: tp.DependencyGraph, module: nn.Module, bounds: tuple[int, int]
+                ) -> tuple[Any, list[np.ndarray]]:
     """The group of all of `module`'s output channels, re-rooted at a layer the group covers only in part
     (e.g. the conv before a `chunk`, when the walk started from one part), so the unit is complete; with the
-    pairs of root elements that share a channel somewhere in the group (`_shared_channels`)."""
+    pairs of root elements that share a channel somewhere in the group (`_shared_channels`). `bounds`: the walk's
+    limits (`_walk_bounds`)."""
     for _ in range(4):
         pruner = graph.get_pruner_of_module(module)
-        with _shared_channels() as pairs, _bounded_walk(_widest(graph.model), max(8 * len(graph.module2node), 2000)):
+        with _shared_channels() as pairs, _bounded_walk(*bounds):
             group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                             list(range(pruner.get_out_channels(module))))
         partial = None
@@ -524,6 +531,7 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
     qkv = {f"{name}.qkv" if name else "qkv": name for name in attentions}
     patterns = [compile_pattern(p) for p in ignore]
     skip_roots = set(outs) | {m.qkv for m in attentions.values()}
+    bounds = _walk_bounds(graph)
     units: list[Unit] = []
     visited: set[nn.Module] = set()
     for module, node in list(graph.module2node.items()):
@@ -533,7 +541,7 @@ def analyze(model: nn.Module, x: torch.Tensor, ignore: Sequence[str] = (), prote
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         try:
-            group, shared = _full_group(graph, module)
+            group, shared = _full_group(graph, module, bounds)
         except (ZeroDivisionError, IndexError, ValueError, TypeError, RuntimeError) as exc:
             # torch-pruning's own index mapping fails while walking this layer's group (lambda_resnet26t: its
             # expand mapping divides by a head_dim of 0): the layer keeps its channels, the rest is still pruned

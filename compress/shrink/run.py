@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from compress.errors import UserError
 from compress.pipeline import RunContext, make_accelerator, run_stages
-from compress.models.protocol import flat_tensors, is_detector, is_torchvision_detector, raw_outputs
+from compress.models.protocol import (UNSUPPORTED_DETECTOR, detector_stages, flat_tensors, is_detector,
+                                      is_torchvision_detector, raw_outputs)
 from compress.recipe import Recipe, parse_recipe
 from compress.shrink.data import calib_ref, load_calib, with_read_size
 from compress.shrink.preprocess import parse_floats, resolve
@@ -91,10 +92,8 @@ def read_checked_checkpoint(path: str) -> None:
 
 def check_supported(spec: str, model: nn.Module) -> None:
     """One-line refusals for model kinds the one-shot pipeline cannot take."""
-    if is_torchvision_detector(model) and not (hasattr(model, "backbone") and (
-            hasattr(model, "head") or (hasattr(model, "rpn") and hasattr(model, "roi_heads")))):
-        raise UserError(f"{spec}: a torchvision detector ({type(model).__name__}) needs backbone + head (one-stage) or "
-                        "backbone + rpn + roi_heads (two-stage) for the raw tensor protocol")
+    if is_torchvision_detector(model) and detector_stages(model) is None:
+        raise UserError(f"{spec} ({type(model).__name__}): {UNSUPPORTED_DETECTOR}")
 
 
 def failing_layer(model: nn.Module, x: Any) -> tuple[str | None, BaseException | None]:

@@ -21,7 +21,7 @@ from pydantic import Field
 from compress.config import Config
 from compress.distill.losses import output_distillation_loss
 from compress.models.memory_format import channels_last_on_cpu
-from compress.models.protocol import raw_outputs
+from compress.models.protocol import eval_forward_with_hooks, raw_outputs
 from compress.stages.spec import StageSpec
 from compress.stages.teacher import load_teacher
 
@@ -145,15 +145,9 @@ def recover(model: nn.Module, config: RecoverConfig, ctx: RunContext) -> nn.Modu
 
 def _probe(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """One forward of the first batch in eval mode, for `channels_last_on_cpu` to check the layout works."""
-    if not batches:
-        return
-    was_training = model.training
-    model.eval()
-    try:
+    if batches:
         with raw_outputs(model):
-            model(batches[0])
-    finally:
-        model.train(was_training)
+            eval_forward_with_hooks(model, batches[0], [])
 
 
 def _recover(model: nn.Module, config: RecoverConfig, ctx: RunContext, batches: list[torch.Tensor]) -> None:

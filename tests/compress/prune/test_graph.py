@@ -251,10 +251,10 @@ def test_a_group_torch_pruning_cannot_walk_is_kept_whole(nets, monkeypatch):
 
     real = graph_module._full_group
 
-    def failing(graph, module):
+    def failing(graph, module, bounds):
         if graph._module2name[module] == "a.0":
             raise ZeroDivisionError("integer division or modulo by zero")
-        return real(graph, module)
+        return real(graph, module, bounds)
 
     monkeypatch.setattr(graph_module, "_full_group", failing)
     model = nets["randomize_bn"](nets["fixed_split"]())

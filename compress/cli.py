@@ -555,8 +555,13 @@ def shrink(
                                                                "(default: what the model expects)")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="normalisation std, e.g. 0.229,0.224,0.225")] = None,
     recover: Annotated[bool, typer.Option("--recover/--no-recover", help="after pruning: re-estimate BatchNorm "
-                                                                         "statistics and distill on the calibration images")] = True,
+                                                                         "statistics and distill on the calibration "
+                                                                         "images (off by default: on a pretrained "
+                                                                         "model it lost more than it regained)")] = False,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="output-distillation steps after pruning")] = 100,
+    prune_importance: Annotated[str, typer.Option("--prune-importance", help="data: channels scored on the "
+                                                  "calibration images by the share of their readers' output they "
+                                                  "carry; bn: |gamma| (sparse-trained models)")] = "data",
     batch_size: Annotated[int, typer.Option("--batch-size", help="calibration batch size")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
@@ -576,7 +581,7 @@ def shrink(
         result = run_shrink(checkpoint, model, out, num_classes, task=task, prune=prune, bits=bits, method=method,
                             calib=calib, calib_samples=calib_samples, image_size=image_size, mean=mean, std=std,
                             recover=recover, recover_steps=recover_steps, batch_size=batch_size, seed=seed,
-                            quiet=_is_quiet())
+                            quiet=_is_quiet(), prune_importance=prune_importance)
     print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
           f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
           f"{result['bits_per_weight']:.2f} bits/weight (every tensor), {result['file_bits_per_param']:.2f} file "

@@ -53,6 +53,14 @@ class PruneConfig(ScopeConfig):
     target: dict[Literal["params", "macs"], float] | None = Field(
         None, description="share to remove, e.g. {params: 0.6}, {macs: 0.4} or both (both must be met); "
                           "the p_g are searched")
+    importance: Literal["bn", "data"] = Field(
+        "bn", description="bn: |gamma| of each channel's BatchNorm (magnitude where there is none), what sparse "
+                          "training shapes; data: the share of its readers' output variance a channel carries, "
+                          "measured on `importance_samples` images of the calib data (for pretrained models)")
+    importance_samples: int = Field(64, ge=1, description="calibration images the data importance reads")
+    correct_bn: bool = Field(True, description="with importance 'data': shift the BatchNorm statistics by what the "
+                                               "removed channels carried (measured on the same images), keeping "
+                                               "the model's own population statistics")
     vote: Literal["majority", "union", "intersection"] = Field(
         "majority", description="coupled channels: keep if at least half (majority), any (union) or all "
                                 "(intersection) of the coupled masks keep it")

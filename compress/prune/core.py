@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from compress.prune.attention import prune_heads
 from compress.prune.config import PruneConfig, ScopeConfig
+from compress.prune.bn_correct import bn_input_moments, correct_bn
+from compress.prune.data_score import score_from_data
 from compress.prune.fold import fold_removed
 from compress.prune.graph import Analysis, Unit, analyze, extra_out_tensors, sync_split_sizes
 from compress.prune.groups import GroupAssigner, ratio_for
@@ -85,26 +87,34 @@ def prepare(model: nn.Module, example_input: Any, scope: ScopeConfig | None
 
 
 def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: Log = print,
-                retries: int = 3) -> PruneResult:
+                retries: int = 3, batches: Sequence[Any] | None = None) -> PruneResult:
     """Prune `model` in place as `config` says; returns it with its shape manifest and the p_g used.
 
     When removing a unit breaks the model (torch-pruning mis-maps its channels), the model is put back, that
     unit's layers are kept whole (added to `ignore`, with a warning) and the search runs again, so the target
-    is met from the other units; up to `retries` times, then the error is raised."""
+    is met from the other units; up to `retries` times, then the error is raised. `batches`: the images the
+    data importance (`config.importance == "data"`) reads."""
     pristine = copy.deepcopy(model) if retries > 0 else None
     try:
-        return _prune_once(model, config, example_input, log)
+        return _prune_once(model, config, example_input, log, batches)
     except UnitRemovalError as exc:
         if retries <= 0 or not exc.units or any(u in config.ignore for u in exc.units):
             raise
         model.__dict__.update(pristine.__dict__)  # the unpruned modules, in the object the caller holds
         log(f"prune: WARNING {exc}; keeping {', '.join(exc.units)} whole and searching again")
         retry = config.model_copy(update={"ignore": [*config.ignore, *exc.units]})
-        return prune_model(model, retry, example_input, log, retries - 1)
+        return prune_model(model, retry, example_input, log, retries - 1, batches)
 
 
-def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: Log) -> PruneResult:
+def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: Log,
+                batches: Sequence[Any] | None = None) -> PruneResult:
     x, was_training, before_figures, analysis, units = prepare(model, example_input, config)
+    if config.importance == "data":
+        if not batches:
+            raise PruneError("prune: importance 'data' needs calibration batches")
+        rescored = score_from_data(analysis, batches)
+        log(f"prune: data importance on {sum(len(as_batch(b)) for b in batches)} images "
+            f"({rescored} of {len(units)} units; the rest by |gamma| / magnitude)")
     decider = Decider(units, config.vote, config.floor_share, config.floor_min)
     if config.target is not None:
         cost = CostModel(analysis, units)
@@ -117,10 +127,16 @@ def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: 
     log("prune: p_g " + " ".join(f"{g}={p:.6g}" for g, p in ratios.items()))
     keeps = decider.decide_all(ratios)
     shapes = snapshot(model)
+    data = batches if config.importance == "data" else None
+    before_bn = bn_input_moments(model, data) if data and config.correct_bn else None
     if config.fold:
-        folded = fold_removed(analysis, units, keeps)
+        folded = fold_removed(analysis, units, keeps, data)
         log(f"prune: folded {folded['folded']} removed channels into the next layers "
-            f"({folded['not_constant']} were not constant)")
+            + ("(their mean on the calibration images)" if data else f"({folded['not_constant']} were not constant)"))
+    if before_bn is not None:
+        after_bn = bn_input_moments(masked_copy(model, [(u, k) for u, k in zip(units, keeps) if u.exact]), data)
+        log(f"prune: BatchNorm statistics of {correct_bn(model, before_bn, after_bn)} layers corrected by what the "
+            "removed channels carried")
     remove_units(analysis, units, keeps, verify=config.verify, scope=config)
     model.train(was_training)
     after_figures = measure(model, x)

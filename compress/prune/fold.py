@@ -48,8 +48,12 @@ def zero_gammas(model: nn.Module, units: Sequence[Unit], keeps: Sequence[np.ndar
 
 
 @torch.no_grad()
-def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.ndarray]) -> dict[str, int]:
-    """Fold the constants of removed channels into their consumers (in place); returns counts."""
+def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.ndarray],
+                 batches: Sequence[Any] | None = None) -> dict[str, int]:
+    """Fold the constants of removed channels into their consumers (in place); returns counts.
+
+    With `batches` (calibration images), every removed channel is replaced by its mean over them instead (the
+    constant that least changes the consumer's output, whether or not the channel was constant)."""
     model = analysis.model
     consumers: dict[str, set[int]] = {}
     for unit, keep in zip(units, keeps):
@@ -63,8 +67,9 @@ def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
                  if isinstance(modules.get(k), (nn.Conv2d, nn.Conv1d, nn.Linear)) and not own_forward(modules[k]) and v}
     if not consumers:
         return {"folded": 0, "not_constant": 0}
-    probe = copy.deepcopy(model)
-    zero_gammas(probe, units, keeps)
+    probe = copy.deepcopy(model) if batches is None else model
+    if batches is None:
+        zero_gammas(probe, units, keeps)
     probe_modules = dict(probe.named_modules())
     stats: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -82,12 +87,15 @@ def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
             stats[name] = [acc[0] + values.sum(1), acc[1] + (values ** 2).sum(1), acc[2] + values.shape[1]]
 
         handles.append(probe_modules[name].register_forward_hook(hook))
+    was_training = probe.training
     probe.eval()
     try:
-        raw_forward(probe, analysis.example)
+        for batch in (batches if batches is not None else [analysis.example]):
+            raw_forward(probe, batch)
     finally:
         for h in handles:
             h.remove()
+        probe.train(was_training)
     del probe
     folded = skipped = 0
     for name, channels in consumers.items():
@@ -96,7 +104,7 @@ def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
         total, squares, count = stats[name]
         mean = total / count
         std = (squares / count - mean ** 2).clamp_min(0).sqrt()
-        constant = std <= 1e-5 * (1 + mean.abs())
+        constant = std <= 1e-5 * (1 + mean.abs()) if batches is None else torch.ones_like(std, dtype=torch.bool)
         idx = sorted(channels)
         use = [(c, float(mean[i])) for i, c in enumerate(idx) if constant[i]]
         skipped += len(idx) - len(use)

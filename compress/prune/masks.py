@@ -141,10 +141,16 @@ class Decider:
         pools: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for u, unit in enumerate(self.units):
             for j, c in enumerate(unit.carriers):
-                pools.setdefault((c.group, c.kind), []).append((u, j))
+                pools.setdefault((c.group, c.pool), []).append((u, j))
         self.scores = {key: np.sort(np.concatenate([self.units[u].carriers[j].score for u, j in members]))
                        for key, members in pools.items()}
         self.means = {key: max(float(v.mean()), 1e-12) for key, v in self.scores.items()}
+        # data scores are shares of the readers' output: comparable across groups as they are, so every data pool
+        # is divided by one common mean (|gamma| and magnitudes are relative to their own group's mean)
+        data = [v for key, v in self.scores.items() if key[1] == "data"]
+        if data:
+            common = max(float(np.concatenate(data).mean()), 1e-12)
+            self.means.update({key: common for key in self.scores if key[1] == "data"})
         # rank of every carrier score within its (group, kind) pool: score, then relative position, then layer
         self.ranks: dict[tuple[int, int], np.ndarray] = {}
         for members in pools.values():
@@ -167,7 +173,7 @@ class Decider:
             total = np.zeros(unit.size)
             count = np.zeros(unit.size)
             for c in unit.carriers:
-                total[c.roots] += c.score / self.means[(c.group, c.kind)]
+                total[c.roots] += c.score / self.means[(c.group, c.pool)]
                 count[c.roots] += 1
             self.importance.append(total / np.maximum(count, 1))
 
@@ -181,7 +187,7 @@ class Decider:
         kept = np.zeros(unit.size, dtype=np.int64)
         covered = np.zeros(unit.size, dtype=np.int64)
         for j, c in enumerate(unit.carriers):
-            kept[c.roots] += self.ranks[(index, j)] >= thresholds[(c.group, c.kind)]
+            kept[c.roots] += self.ranks[(index, j)] >= thresholds[(c.group, c.pool)]
             covered[c.roots] += 1
         importance = self.importance[index]
         if unit.ties is not None:

@@ -33,6 +33,12 @@ class Carrier:
     stride: int | None = None
     group: str = ""
     score: np.ndarray | None = None  # float64 [k], filled by `score_carriers`
+    scored_by: str | None = None  # what the score measures when not `kind` ("data": `prune.data_score`)
+
+    @property
+    def pool(self) -> str:
+        """Scores of one pool share a quantile threshold: per group, per kind of score."""
+        return self.scored_by or self.kind
 
 
 @dataclass

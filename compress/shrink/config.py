@@ -26,8 +26,13 @@ class ShrinkConfig(Config):
     image_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    recover: bool = True
+    recover: bool = Field(False, description="after pruning: re-estimate BatchNorm statistics and distill from the "
+                                            "unpruned model on the calibration images (off: on a pretrained model "
+                                            "and a few photos it lost more than it regained, docs/BENCHMARKS.md)")
     recover_steps: int = Field(DEFAULT_RECOVER_STEPS, ge=0)
+    prune_importance: Literal["data", "bn"] = Field(
+        "data", description="data: channels scored on the calibration images by the share of their readers' output "
+                            "they carry; bn: |gamma| (magnitude without BN), for sparse-trained models")
     batch_size: int = Field(16, gt=0)
     seed: int = 0
     quant_options: dict[str, Any] = Field(default_factory=dict, description="more options of the method")

@@ -1,7 +1,8 @@
 """`shrink`: one checkpoint -> one artifact, through a recipe built on the fly and the pipeline's stages.
 
-    recipe = prune {target: {params: R}}      (when R > 0; |gamma| / magnitude importance, no sparse training)
-             recover {bn, steps}              (when R > 0; label-free: BN re-estimation, output distillation)
+    recipe = prune {target: {params: R}, importance: data}   (when R > 0; no sparse training: channels scored
+                                              by the share of their readers' output they carry on calibration images)
+             recover {bn, steps}              (when R > 0 and asked; label-free: BN re-estimation, distillation)
              quantize {method: jlcm, bits: B} (calibration images only)
 The stages are the registered ones, run by a `RunContext` as `compress run` runs them, except that no stage
 is evaluated (calibration data may be unlabelled) and the artifact is written by `write_artifact` with the
@@ -164,7 +165,8 @@ def build_recipe(config: ShrinkConfig, image_size: int, ref: dict[str, Any]) -> 
     """The in-memory recipe a shrink runs: prune (+ recover) when asked, then quantize."""
     stages: list[dict[str, Any]] = []
     if config.prune > 0:
-        stages.append({"prune": {"target": {"params": config.prune}}})
+        stages.append({"prune": {"target": {"params": config.prune}, "importance": config.prune_importance,
+                                 "importance_samples": min(64, config.calib_samples)}})
         if config.recover:
             stages.append({"recover": {"bn": True, "steps": config.recover_steps, "batch_size": config.batch_size}})
     quant = {"method": config.method, "batch_size": config.batch_size, **config.quant_options}
@@ -189,15 +191,18 @@ def shrink(checkpoint: str | Path | None | ShrinkConfig, model: str | None = Non
            num_classes: int | None = None, task: str = "classification", prune: float = 0.0,
            bits: float | None = 3.0, method: str = "jlcm", calib: str = "digits", calib_samples: int = 64,
            image_size: int | None = None, mean: str | tuple[float, ...] | None = None,
-           std: str | tuple[float, ...] | None = None, recover: bool = True,
+           std: str | tuple[float, ...] | None = None, recover: bool = False,
            recover_steps: int = DEFAULT_RECOVER_STEPS, batch_size: int = 16, seed: int = 0,
            quant_options: dict[str, Any] | None = None, verify: bool = True, quiet: bool = False,
+           prune_importance: str = "data",
            printer: Callable[[str], None] = print) -> dict[str, Any]:
     """Prune (optional), recover, quantize and export `model` (a builder spec) loaded from `checkpoint`
     (None or "none": the builder's random init) into the artifact `out`; returns the figures printed.
     The settings may also come as one `ShrinkConfig` in place of `checkpoint` (then give `out` only).
 
-    prune: share of parameters to remove (0: no pruning). recover: after pruning, re-estimate BatchNorm
+    prune: share of parameters to remove (0: no pruning); channels are chosen by the share of their readers'
+    output they carry on the calibration images, removed channels are replaced by their mean and the BatchNorm
+    statistics shifted by what they carried. recover (off by default): after pruning, re-estimate BatchNorm
     statistics on the calibration images and take `recover_steps` output-distillation steps from the unpruned
     model (no labels). bits / method: the quantization target (jlcm: average stored bits per quantized weight) and
     method (jlcm, rtn, kmeans, nf4); quant_options: more options of the method. calib: a data source name
@@ -212,7 +217,8 @@ def shrink(checkpoint: str | Path | None | ShrinkConfig, model: str | None = Non
             method=method, calib=calib, calib_samples=calib_samples, image_size=image_size,
             mean=parse_floats(mean, "--mean") if isinstance(mean, str) else mean,
             std=parse_floats(std, "--std") if isinstance(std, str) else std, recover=recover,
-            recover_steps=recover_steps, batch_size=batch_size, seed=seed, quant_options=quant_options or {})
+            recover_steps=recover_steps, batch_size=batch_size, seed=seed, quant_options=quant_options or {},
+            prune_importance=prune_importance)
     if out is None:
         raise UserError("shrink: give the artifact path (out)")
     return run_shrink(config, out, verify=verify, quiet=quiet, printer=printer)

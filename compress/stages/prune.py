@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
+from torch.utils.data import Subset
 
 from compress.prune.config import PruneConfig
 from compress.prune.core import prune_model
@@ -23,7 +24,13 @@ def prune(model: nn.Module, config: PruneConfig, ctx: RunContext) -> nn.Module:
     if config.method == "uniform":
         result = uniform_magnitude_prune(model, example, config.target, scope=config, log=ctx.log)
     else:
-        result = prune_model(model, config, example, log=ctx.log)
+        batches = None
+        if config.importance == "data":
+            data = ctx.dataset("calib")
+            loader = ctx.task.loader(Subset(data, range(min(config.importance_samples, len(data)))), 16,
+                                     shuffle=False)
+            batches = [ctx.task.inputs(batch) for batch in loader]
+        result = prune_model(model, config, example, log=ctx.log, batches=batches)
     ctx.model_meta[PRUNE_META_KEY] = merge_manifests(ctx.model_meta.get(PRUNE_META_KEY), result.manifest)
     ctx.stage_metrics.update({"params_ratio": result.figures["params_ratio"],
                               "macs_ratio": result.figures["macs_ratio"]})

@@ -78,3 +78,25 @@ def test_fold_with_padded_convs_is_exact_inside(nets):
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
     assert torch.allclose(got[inner], want[inner], atol=1e-4), (got - want)[inner].abs().max()
     assert np.isfinite(got.detach().numpy()).all()
+
+
+@torch.no_grad()
+def test_fold_with_batches_replaces_removed_channels_by_their_mean(nets):
+    """With calibration batches, removed channels (constant or not) become their mean: a linear reader's output
+    keeps its mean over those batches exactly."""
+    model = _small_gammas(nets["pointwise"]())
+    batches = [torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)]
+    reader_in = []
+    hook = model.fc.register_forward_hook(lambda m, i, o: reader_in.append(o))
+    for b in batches:
+        model(b)
+    want = torch.cat(reader_in).mean(0)
+    hook.remove()
+    analysis, units, keeps = _plan(model, p=0.5)
+    stats = fold_removed(analysis, units, keeps, batches)
+    assert stats["folded"] > 0 and stats["not_constant"] == 0, stats
+    remove_units(analysis, units, keeps)
+    got = torch.cat([model(b) for b in batches]).mean(0)
+    assert model.d[0].out_channels < 16
+    assert not torch.allclose(got, torch.cat([model(b) for b in batches])[0])
+    assert torch.allclose(got, want, atol=1e-4), (got, want)

@@ -73,7 +73,7 @@ def test_shrink_end_to_end_tiny_model(trained, tmp_path: Path) -> None:
     path, model = trained
     out = tmp_path / "small.safetensors"
     lines: list[str] = []
-    result = shrink(path, SPEC, out, 10, prune=0.3, bits=3, recover_steps=3, printer=lines.append, **FAST)
+    result = shrink(path, SPEC, out, 10, prune=0.3, bits=3, recover=True, recover_steps=3, printer=lines.append, **FAST)
     text = "\n".join(lines)
     assert "preprocessing: compress: model" in text and "stage 1/3: prune" in text and "recover:" in text
     assert result["params_after"] < result["params_before"]
@@ -219,7 +219,7 @@ def test_two_stage_detector_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "frcnn.safetensors"
     result = shrink(None, "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", out, 3, task="detection",
                     calib="digits-detect", prune=0.3, bits=4, method="rtn", calib_samples=2, batch_size=2,
-                    recover_steps=1, quiet=True)
+                    recover=True, recover_steps=1, quiet=True)
     assert abs(result["params_after"] / result["params_before"] - 0.7) <= 0.02, result
     model = compress.load(out)
     with torch.no_grad():
@@ -232,7 +232,8 @@ def test_detector_tensor_protocol_end_to_end(tmp_path: Path) -> None:
     """compress:yolo-n on digits-detect: prune + label-free recovery + quantize; the artifact detects."""
     out = tmp_path / "yolo.safetensors"
     result = shrink(None, "compress:yolo-n", out, 10, task="detection", calib="digits-detect", prune=0.3, bits=4,
-                    method="rtn", calib_samples=8, batch_size=4, recover_steps=2, quiet=True)
+                    method="rtn", calib_samples=8, batch_size=4, recover=True, recover_steps=2,
+                    quiet=True)
     assert result["params_after"] < 0.8 * result["params_before"]
     model = compress.load(out)
     with torch.no_grad():
@@ -273,8 +274,8 @@ def test_config_object_and_keywords_give_the_same_artifact(trained, tmp_path: Pa
 
     path, _ = trained
     by_keywords = compress.shrink(path, SPEC, tmp_path / "a.safetensors", 10, prune=0.3, bits=3, quiet=True,
-                                  recover_steps=2, **FAST)
-    config = ShrinkConfig(model=SPEC, checkpoint=str(path), num_classes=10, prune=0.3, bits=3, recover_steps=2, **FAST)
+                                  recover=True, recover_steps=2, **FAST)
+    config = ShrinkConfig(model=SPEC, checkpoint=str(path), num_classes=10, prune=0.3, bits=3, recover=True, recover_steps=2, **FAST)
     by_config = compress.shrink(config, out=tmp_path / "b.safetensors", quiet=True)
     assert [s["name"] for s in by_config["stages"]] == ["input", "prune", "recover", "quantize", "export"]
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.models.protocol import raw_forward
-from compress.prune.data_score import _Moments
+from compress.prune.data_score import _Moments, forward_with_hooks
 
 
 def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -27,18 +26,10 @@ def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
 @torch.no_grad()
 def bn_input_moments(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per BatchNorm (by name): the mean and variance of its input per channel over `batches` (eval mode)."""
-    moments = {name: _Moments() for name in _norms(model)}
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: moments[name].add(inp[0], 1))
-               for name, m in _norms(model).items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            raw_forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    norms = _norms(model)
+    moments = {name: _Moments() for name in norms}
+    forward_with_hooks(model, {m: (lambda mod, inp, out, name=name: moments[name].add(inp[0], 1))
+                               for name, m in norms.items()}, batches)
     return {name: (m.mean(), m.var()) for name, m in moments.items() if m.n}
 
 

@@ -15,7 +15,7 @@ layer after them is.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -66,19 +66,9 @@ def _readers(analysis: Analysis) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def reader_moments(model: nn.Module, readers: dict[str, nn.Module], batches: Iterable[Any]
-                   ) -> dict[str, tuple[_Moments, _Moments]]:
-    """One pass over `batches`: the input and output moments of every reader."""
-    moments = {name: (_Moments(), _Moments()) for name in readers}
-    handles = []
-    for name, layer in readers.items():
-        axis = -1 if isinstance(layer, nn.Linear) else 1
-
-        def hook(module, inputs, output, name=name, axis=axis):
-            if isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                moments[name][0].add(inputs[0], axis)
-                moments[name][1].add(output, axis)
-        handles.append(layer.register_forward_hook(hook))
+def forward_with_hooks(model: nn.Module, hooks: dict[nn.Module, Callable], batches: Iterable[Any]) -> None:
+    """Run `batches` through `model` in eval mode with forward hooks {module: hook(module, inputs, output)}."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
     was_training = model.training
     model.eval()
     try:
@@ -88,6 +78,22 @@ def reader_moments(model: nn.Module, readers: dict[str, nn.Module], batches: Ite
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def reader_moments(model: nn.Module, readers: dict[str, nn.Module], batches: Iterable[Any]
+                   ) -> dict[str, tuple[_Moments, _Moments]]:
+    """One pass over `batches`: the input and output moments of every reader."""
+    moments = {name: (_Moments(), _Moments()) for name in readers}
+
+    def hook_for(name: str, axis: int) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                moments[name][0].add(inputs[0], axis)
+                moments[name][1].add(output, axis)
+        return hook
+
+    forward_with_hooks(model, {layer: hook_for(name, -1 if isinstance(layer, nn.Linear) else 1)
+                               for name, layer in readers.items()}, batches)
     return moments
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from compress.errors import PruneError
 
-__all__ = ["is_torchvision_detector", "is_detector", "detector_stages", "proposal_grid", "eval_forward_with_hooks", "raw_forward", "RawForward", "raw_outputs", "example_batch",
+__all__ = ["is_torchvision_detector", "is_detector", "detector_stages", "proposal_grid", "eval_forward_with_hooks", "eval_raw_forward_batches", "raw_forward", "RawForward", "raw_outputs", "example_batch",
            "as_batch", "flat_tensors", "float_outputs", "to_device", "map_tensors", "tensors_in"]
 
 
@@ -139,17 +139,34 @@ def flat_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def eval_forward_with_hooks(model: nn.Module, x: Any, handles: list[Any]) -> Any:
-    """One `model(x)` in eval mode, for the forward hooks `handles` to observe; the mode is restored and the hooks
-    removed whatever happens. Returns the output."""
+@contextlib.contextmanager
+def _eval_with_hooks(model: nn.Module, handles: list[Any]) -> Iterator[None]:
+    """Eval mode inside; afterwards the mode is restored and the hooks `handles` removed, whatever happens."""
     was_training = model.training
     model.eval()
     try:
-        return model(x)
+        yield
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
+
+
+def eval_forward_with_hooks(model: nn.Module, x: Any, handles: list[Any]) -> Any:
+    """One `model(x)` in eval mode, for the forward hooks `handles` to observe; the mode is restored and the hooks
+    removed whatever happens. Returns the output."""
+    with _eval_with_hooks(model, handles):
+        return model(x)
+
+
+@torch.no_grad()
+def eval_raw_forward_batches(model: nn.Module, hooks: dict[nn.Module, Callable], batches: Any) -> None:
+    """`raw_forward` of every batch in eval mode, with the forward hooks {module: hook(module, inputs, output)}
+    registered for the pass only (calibration statistics)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    with _eval_with_hooks(model, handles):
+        for batch in batches:
+            raw_forward(model, batch)
 
 
 def is_detector(model: nn.Module) -> bool:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.prune.data_score import _Moments, forward_with_hooks
+from compress.models.protocol import eval_raw_forward_batches
+from compress.prune.moments import ChannelMoments
 
 
 def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -27,8 +28,8 @@ def _norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
 def bn_input_moments(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per BatchNorm (by name): the mean and variance of its input per channel over `batches` (eval mode)."""
     norms = _norms(model)
-    moments = {name: _Moments() for name in norms}
-    forward_with_hooks(model, {m: (lambda mod, inp, out, name=name: moments[name].add(inp[0], 1))
+    moments = {name: ChannelMoments() for name in norms}
+    eval_raw_forward_batches(model, {m: (lambda mod, inp, out, name=name: moments[name].add(inp[0], 1))
                                for name, m in norms.items()}, batches)
     return {name: (m.mean(), m.var()) for name, m in moments.items() if m.n}
 

@@ -109,11 +109,12 @@ def prune_model(model: nn.Module, config: PruneConfig, example_input: Any, log: 
 def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: Log,
                 batches: Sequence[Any] | None = None, pristine: nn.Module | None = None) -> PruneResult:
     x, was_training, before_figures, analysis, units = prepare(model, example_input, config)
+    data = batches if config.importance == "data" else None
     if config.importance == "data":
-        if not batches:
+        if not data:
             raise PruneError("prune: importance 'data' needs calibration batches")
-        rescored = score_from_data(analysis, batches)
-        log(f"prune: data importance on {sum(len(as_batch(b)) for b in batches)} images "
+        rescored = score_from_data(analysis, data)
+        log(f"prune: data importance on {sum(len(as_batch(b)) for b in data)} images "
             f"({rescored} of {len(units)} units; the rest by |gamma| / magnitude)")
     decider = Decider(units, config.vote, config.floor_share, config.floor_min)
     if config.target is not None:
@@ -127,7 +128,6 @@ def _prune_once(model: nn.Module, config: PruneConfig, example_input: Any, log: 
     log("prune: p_g " + " ".join(f"{g}={p:.6g}" for g, p in ratios.items()))
     keeps = decider.decide_all(ratios)
     shapes = snapshot(model)
-    data = batches if config.importance == "data" else None
     before_bn = bn_input_moments(model, data) if data and config.correct_bn else None
     if config.fold:
         folded = fold_removed(analysis, units, keeps, data)

@@ -22,32 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.models.protocol import raw_forward
+from compress.models.protocol import eval_raw_forward_batches
 from compress.prune.graph import Analysis
+from compress.prune.moments import ChannelMoments
 
 DATA_KIND = "data"
-
-
-class _Moments:
-    """Per-channel running sums of x and x^2 over every position (channel axis 1, or the last for linear)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s1: torch.Tensor | None = None
-        self.s2: torch.Tensor | None = None
-
-    def add(self, t: torch.Tensor, channel_axis: int) -> None:
-        t = t.detach().double().movedim(channel_axis, -1).reshape(-1, t.shape[channel_axis])
-        s1, s2 = t.sum(0), (t * t).sum(0)
-        self.s1 = s1 if self.s1 is None else self.s1 + s1
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += t.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.s1 / max(self.n, 1)
-
-    def var(self) -> torch.Tensor:
-        return (self.s2 / max(self.n, 1) - self.mean() ** 2).clamp_min(0)
 
 
 def _readers(analysis: Analysis) -> dict[str, nn.Module]:
@@ -65,25 +44,10 @@ def _readers(analysis: Analysis) -> dict[str, nn.Module]:
     return out
 
 
-@torch.no_grad()
-def forward_with_hooks(model: nn.Module, hooks: dict[nn.Module, Callable], batches: Iterable[Any]) -> None:
-    """Run `batches` through `model` in eval mode with forward hooks {module: hook(module, inputs, output)}."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            raw_forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-
 def reader_moments(model: nn.Module, readers: dict[str, nn.Module], batches: Iterable[Any]
-                   ) -> dict[str, tuple[_Moments, _Moments]]:
+                   ) -> dict[str, tuple[ChannelMoments, ChannelMoments]]:
     """One pass over `batches`: the input and output moments of every reader."""
-    moments = {name: (_Moments(), _Moments()) for name in readers}
+    moments = {name: (ChannelMoments(), ChannelMoments()) for name in readers}
 
     def hook_for(name: str, axis: int) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -92,7 +56,7 @@ def reader_moments(model: nn.Module, readers: dict[str, nn.Module], batches: Ite
                 moments[name][1].add(output, axis)
         return hook
 
-    forward_with_hooks(model, {layer: hook_for(name, -1 if isinstance(layer, nn.Linear) else 1)
+    eval_raw_forward_batches(model, {layer: hook_for(name, -1 if isinstance(layer, nn.Linear) else 1)
                                for name, layer in readers.items()}, batches)
     return moments
 

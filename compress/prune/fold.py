@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch_pruning.ops import OPTYPE
 
 from compress.prune.graph import Analysis, Member, Unit, own_forward
-from compress.models.protocol import raw_forward
+from compress.models.protocol import eval_raw_forward_batches
+from compress.prune.moments import ChannelMoments
 
 
 def _removed_locals(keep: np.ndarray, member: Member) -> np.ndarray:
@@ -71,39 +72,24 @@ def fold_removed(analysis: Analysis, units: Sequence[Unit], keeps: Sequence[np.n
     if batches is None:
         zero_gammas(probe, units, keeps)
     probe_modules = dict(probe.named_modules())
-    stats: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, channels in consumers.items():
-        idx = torch.as_tensor(sorted(channels), device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    indices = {name: torch.as_tensor(sorted(channels), device=device) for name, channels in consumers.items()}
+    stats = {name: ChannelMoments() for name in consumers}
 
-        def hook(module: nn.Module, inputs: Any, output: Any, name: str = name, idx: torch.Tensor = idx) -> None:
-            x = inputs[0]
-            if isinstance(module, nn.modules.conv._ConvNd):
-                x = x.transpose(0, 1).flatten(1)  # [C, B*H*W]
-            else:
-                x = x.reshape(-1, x.shape[-1]).T  # [features, samples]
-            values = x[idx].double()  # [channels, samples]
-            acc = stats.setdefault(name, [torch.zeros(len(idx), dtype=torch.float64, device=x.device)] * 3)
-            stats[name] = [acc[0] + values.sum(1), acc[1] + (values ** 2).sum(1), acc[2] + values.shape[1]]
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            axis = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+            stats[name].add(inputs[0].index_select(axis, indices[name]), axis)
+        return hook
 
-        handles.append(probe_modules[name].register_forward_hook(hook))
-    was_training = probe.training
-    probe.eval()
-    try:
-        for batch in (batches if batches is not None else [analysis.example]):
-            raw_forward(probe, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        probe.train(was_training)
+    eval_raw_forward_batches(probe, {probe_modules[name]: hook_for(name) for name in consumers},
+                             batches if batches is not None else [analysis.example])
     del probe
     folded = skipped = 0
     for name, channels in consumers.items():
-        if name not in stats:
+        if not stats[name].n:
             continue
-        total, squares, count = stats[name]
-        mean = total / count
-        std = (squares / count - mean ** 2).clamp_min(0).sqrt()
+        mean, std = stats[name].mean(), stats[name].var().sqrt()
         constant = std <= 1e-5 * (1 + mean.abs()) if batches is None else torch.ones_like(std, dtype=torch.bool)
         idx = sorted(channels)
         use = [(c, float(mean[i])) for i, c in enumerate(idx) if constant[i]]

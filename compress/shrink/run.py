@@ -165,8 +165,10 @@ def build_recipe(config: ShrinkConfig, image_size: int, ref: dict[str, Any]) -> 
     """The in-memory recipe a shrink runs: prune (+ recover) when asked, then quantize."""
     stages: list[dict[str, Any]] = []
     if config.prune > 0:
+        # the recovery re-estimates every BN from scratch, so shifting them first would be work thrown away
         stages.append({"prune": {"target": {"params": config.prune}, "importance": config.prune_importance,
-                                 "importance_samples": min(64, config.calib_samples)}})
+                                 "importance_samples": min(64, config.calib_samples),
+                                 "correct_bn": not config.recover}})
         if config.recover:
             stages.append({"recover": {"bn": True, "steps": config.recover_steps, "batch_size": config.batch_size}})
     quant = {"method": config.method, "batch_size": config.batch_size, **config.quant_options}

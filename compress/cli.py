@@ -113,6 +113,8 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: stages.0.finetune.epochs=3")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue a killed run after its last finished stage")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: the recipe's "
+                                                   "train.threads, else one per core); 1 is fastest on a busy machine")] = None,
 ) -> None:
     """Run every stage of RECIPE into the run directory.
 
@@ -126,7 +128,7 @@ def run(
     from compress.pipeline import run as run_pipeline
     from compress.recipe import load_recipe
 
-    recipe_obj = load_recipe(recipe, set_ or [])
+    recipe_obj = load_recipe(recipe, [*(set_ or []), *([f"train.threads={threads}"] if threads else [])])
     with _quiet_output():
         report = run_pipeline(recipe_obj, out, resume=resume, inputs=[recipe])
     _print_summary(report, out)

@@ -91,8 +91,12 @@ class RunContext:
             if ref is None:
                 raise UserError(f"recipe: data.{role} is needed by stage '{self.stage_name}' but is not set")
             dataset = get_dataset(ref.source, ref.split, root=ref.root, **ref.options)
-            if ref.samples is not None and ref.samples < len(dataset):
-                dataset = _with_attrs(Subset(dataset, range(ref.samples)), dataset)
+            if ref.skip >= len(dataset):
+                raise UserError(f"recipe: data.{role}.skip is {ref.skip} but {ref.source}:{ref.split} has only "
+                                f"{len(dataset)} items")
+            stop = len(dataset) if ref.samples is None else min(len(dataset), ref.skip + ref.samples)
+            if (ref.skip, stop) != (0, len(dataset)):
+                dataset = _with_attrs(Subset(dataset, range(ref.skip, stop)), dataset)
             self._datasets[role] = dataset
         return self._datasets[role]
 
@@ -245,8 +249,20 @@ def run(recipe: Recipe, run_dir: str | Path, resume: bool = False, accelerator: 
     exports = _export_names(recipe, run_dir)
     rundir.check_out(run_dir, exports, [*inputs, recipe.model.checkpoint])
     ctx = RunContext(recipe=recipe, run_dir=run_dir, accelerator=accelerator, task=get_task(recipe.task))
-    with rundir.claim(run_dir, ctx.is_main) as claimed:  # a second run on run_dir fails here, at once
+    with rundir.claim(run_dir, ctx.is_main) as claimed, torch_threads(recipe.train.threads):
         return _run_claimed(recipe, run_dir, resume, accelerator, ctx, claimed)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count for the block (None: leave it as it is), restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _export_names(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -313,7 +329,8 @@ def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accel
                                   "new --out")
         atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
     accelerator.wait_for_everyone()
-    report = {"recipe": recipe.name, "seed": recipe.seed, "task": recipe.task, "stages": list(done)}
+    report = {"recipe": recipe.name, "seed": recipe.seed, "task": recipe.task, "torch_threads": torch.get_num_threads(),
+              "stages": list(done)}
     ctx.finished = report["stages"]
 
     if done:
@@ -323,7 +340,8 @@ def _run_claimed(recipe: Recipe, run_dir: Path, resume: bool, accelerator: Accel
         ctx.log(f"resuming {run_dir} after stage {last['name']} ({len(done)} finished)")
     else:
         ctx.log(f"run {recipe.name}: {recipe.model.build} on {recipe.data.train.source}, "
-                f"{accelerator.num_processes} process(es) on {accelerator.device}")
+                f"{accelerator.num_processes} process(es) on {accelerator.device}, {torch.get_num_threads()} torch "
+                "thread(s)")
     model = model.to(ctx.device)
     claimed["started"] = True  # from here on, a failure leaves a folder that --resume can continue
 

@@ -24,7 +24,9 @@ class DataRef(Config):
     source: str = Field(description="registered data source: digits, digits-detect, folder, coco, yolo, voc")
     split: Literal["train", "val", "calib"]
     root: str | None = Field(None, description="folder or file for file-based sources")
-    samples: int | None = Field(None, gt=0, description="use only the first N items of the split")
+    skip: int = Field(0, ge=0, description="leave out the first N items of the split (carve a tuning split out of "
+                      "train: train skips N, the tuning split takes `samples: N`)")
+    samples: int | None = Field(None, gt=0, description="use only the first N items of the split (after `skip`)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra options of the source")
 
     @model_validator(mode="after")
@@ -49,6 +51,8 @@ class TrainDefaults(Config):
     batch_size: int = Field(32, gt=0, description="per-process batch size of training stages")
     eval_batch_size: int = Field(64, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads for the run; None: torch's default "
+                                "(one per core). Figures depend on it a little (float summation order)")
 
 
 class StageEntry(BaseModel):

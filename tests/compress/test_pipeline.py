@@ -95,3 +95,31 @@ def test_two_cpu_processes_train_identical_replicas(tiny_recipe_path: Path, tmp_
     assert "2 process(es)" in log, log
     assert log.count("2 replicas in sync") == 2, log
     assert len(json.loads((out / "report.json").read_text())["stages"]) == 3
+
+
+def test_skip_carves_a_tuning_split_out_of_train_and_threads_are_set_then_restored(tiny_recipe_path: Path,
+                                                                                  tmp_path: Path) -> None:
+    import torch
+
+    from compress.errors import UserError
+    from compress.pipeline import RunContext, get_task, make_accelerator
+
+    recipe = load_recipe(tiny_recipe_path, ["data.train.skip=100", "data.val.split=train", "data.val.samples=100",
+                                            "stages.0.finetune.epochs=0", "stages.2.finetune.epochs=0",
+                                            "train.threads=1"])
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path, accelerator=make_accelerator(), task=get_task("classification"))
+    fit, tune = ctx.dataset("train"), ctx.dataset("val")
+    assert list(tune.indices) == list(range(100)) and list(fit.indices)[0] == 100
+    assert list(fit.indices) == list(range(100, 228)), "samples counts after skip"
+    assert set(fit.indices).isdisjoint(tune.indices)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = run(recipe, tmp_path / "run")
+        assert report["torch_threads"] == 1 and torch.get_num_threads() == 2, "the recipe's threads, then restored"
+    finally:
+        torch.set_num_threads(before)
+    too_far = load_recipe(tiny_recipe_path, ["data.train.skip=100000"])
+    ctx = RunContext(recipe=too_far, run_dir=tmp_path, accelerator=make_accelerator(), task=get_task("classification"))
+    with pytest.raises(UserError, match=r"data\.train\.skip is 100000 but .* has only"):
+        ctx.dataset("train")

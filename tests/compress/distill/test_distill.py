@@ -84,3 +84,42 @@ def test_before_prune_teacher_needs_a_prune_stage(tiny_recipe_path: Path, tmp_pa
     ctx.finished = [{"name": "finetune", "checkpoint": "x"}]
     with pytest.raises(UserError, match="needs a prune stage earlier"):
         load_teacher("before-prune", ctx)
+
+
+def test_per_layer_betas_override_roles_and_balance_evens_the_first_terms(tiny_recipe_path: Path,
+                                                                          tmp_path: Path) -> None:
+    from compress.errors import UserError
+    from compress.stages.distill import AttentionConfig, fixed_betas, initial_attention_losses
+
+    torch.manual_seed(0)
+    ctx = _ctx(tiny_recipe_path, tmp_path)
+    teacher = build_model("compress:digits-cnn", num_classes=10).eval().requires_grad_(False)
+    student = build_model("compress:digits-cnn", num_classes=10, widths=(8, 16, 32)).train()
+    x = torch.rand(8, 3, 32, 32)
+    layers = auto_layers(student, x)
+    roles = {l.name: l.role for l in layers}
+    config = AttentionConfig(weights={"backbone": 3.0, "coarsest": 5.0}, layer_weights={"stage2": 7.0})
+    assert fixed_betas(layers, config) == {"stage2": 7.0, "stage3": 5.0 if roles["stage3"] == "coarsest" else 3.0}
+    with pytest.raises(UserError, match="'stage9' is not a distilled layer; these are stage2, stage3"):
+        fixed_betas(layers, AttentionConfig(layer_weights={"stage9": 1.0}))
+    with pytest.raises(ValueError, match="a weight is >= 0"):
+        AttentionConfig(layer_weights={"stage2": -1.0})
+
+    student.eval()
+    buffers = {k: v.clone() for k, v in student.state_dict().items()}
+    start = initial_attention_losses(student, teacher, layers, 2.0, [x])
+    assert not student.training and not teacher.training, "modes are restored"
+    assert all(torch.equal(v, buffers[k]) for k, v in student.state_dict().items()), "BN statistics are restored"
+    assert set(start) == {"stage2", "stage3"} and all(v > 0 for v in start.values())
+    betas = {name: 0.25 / loss for name, loss in start.items()}
+    hook = AttentionDistillHook(student, teacher, layers, DistillConfig(attention={"balance": 0.25}), ctx, betas)
+    try:
+        with torch.no_grad():
+            student.train()(x)
+            terms = hook.extra_loss(student, (x, torch.zeros(8, dtype=torch.long)))
+    finally:
+        hook.remove()
+    assert terms["attention"].item() == pytest.approx(0.25 * len(layers), rel=1e-4), "each layer starts at `balance`"
+    from compress.stages.distill import balanced_betas
+
+    assert balanced_betas({"a": 0.5, "b": 0.0}, 1.0) == {"a": 2.0, "b": 1.0 / 0.0025}, "an untouched layer: no huge beta"

@@ -45,6 +45,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--kd-weight", type=float, default=1.0, help="output-distillation weight of output-kd and both")
     ap.add_argument("--attention-scale", type=float, default=1.0, help="multiply the run's attention weights")
+    ap.add_argument("--balance", type=float, default=None,
+                    help="attention betas per distilled layer, each layer's term starting at this value (replaces the "
+                         "run's per-role weights and --attention-scale)")
+    ap.add_argument("--tune", type=int, default=0, metavar="N",
+                    help="score on a tuning split carved out of train (its first N images; training skips them) "
+                         "instead of val: choose weights with this, then score on val without it")
     ap.add_argument("--variants", nargs="+", default=["finetune", "output-kd", "attention", "both"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     args = ap.parse_args()
@@ -63,6 +69,9 @@ def main() -> None:
     if args.attention_scale != 1.0:
         weights = attention.get("weights", AttentionConfig().weights)
         attention["weights"] = {role: w * args.attention_scale for role, w in weights.items()}
+    if args.balance is not None:
+        attention = {k: v for k, v in attention.items() if k not in ("weights", "layer_weights")}
+        attention["balance"] = args.balance
     off = {"weights": {"backbone": 0.0, "neck": 0.0, "coarsest": 0.0}}
     variants: dict[str, dict[str, Any]] = {
         "finetune": {"finetune": train},
@@ -72,10 +81,15 @@ def main() -> None:
     }
     metric = "map50" if recipe["task"] == "detection" else "top1"
 
+    split_data = json.loads(json.dumps(recipe["data"]))
+    if args.tune:
+        train_ref = split_data["train"]
+        split_data["val"] = {**train_ref, "skip": 0, "samples": args.tune}
+        split_data["train"] = {**train_ref, "skip": args.tune}
     results: dict[str, list[float]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            data = {**recipe, "name": f"distill-{variant}", "seed": seed,
+            data = {**recipe, "name": f"distill-{variant}", "seed": seed, "data": split_data,
                     "model": {**recipe["model"], "checkpoint": str(source)},
                     "stages": [{"prune": prune_cfg}, variants[variant]]}
             out = args.out / f"seed{seed}" / variant
@@ -89,13 +103,16 @@ def main() -> None:
                   flush=True)
 
     print(f"\n{recipe['model']['build']} on {recipe['data']['train']['source']}; pruned from {source} with {prune_cfg}; "
-          f"training {train}; attention weights {attention.get('weights', 'defaults')}; output-KD weight "
+          f"training {train}; scored on {split_data['val']}; attention {attention}; output-KD weight "
           f"{args.kd_weight}; seeds {args.seeds}; torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} torch thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {time.time() - started:.0f} s\n")
-    print(f"| variant | {metric} (mean) | per seed |")
-    print("|---|---|---|")
+    print(f"| variant | {metric} (mean) | std | min - max | per seed |")
+    print("|---|---|---|---|---|")
     for variant, values in results.items():
-        print(f"| {variant} | {sum(values) / len(values):.4f} | {' / '.join(f'{v:.4f}' for v in values)} |")
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        print(f"| {variant} | {mean:.4f} | {std:.4f} | {min(values):.4f} - {max(values):.4f} | "
+              f"{' / '.join(f'{v:.4f}' for v in values)} |")
 
 
 if __name__ == "__main__":

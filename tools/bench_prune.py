@@ -18,6 +18,7 @@ From one trained yolo-n (the demo's finetune stage; trained here first when --ba
     group      (ours)      dynamic sparse training -> group pruning (per-group |gamma| thresholds, searched)
     slimming   (baseline)  constant-rate sparse training -> one global |gamma| threshold (Network Slimming)
     uniform    (baseline)  plain training -> torch-pruning's uniform magnitude pruning (same share per unit)
+    group-global (ablation) dynamic sparse training -> one global |gamma| threshold (tests per-group thresholds)
     group-constant (ablation) constant-rate sparse training -> group pruning
 
 Every method gets the same training budget before pruning (--pre-epochs at the same lr, with or without
@@ -52,10 +53,15 @@ BASE = {
 }
 
 
-def run_recipe(name: str, seed: int, checkpoint: str | None, stages: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Run (or resume) one recipe; returns its report."""
+def run_recipe(name: str, seed: int, checkpoint: str | None, stages: list[dict[str, Any]], out: Path,
+               tune: int = 0) -> dict[str, Any]:
+    """Run (or resume) one recipe; returns its report. `tune` > 0: train without the first `tune` train images and
+    score on them (the tuning split), never on val."""
     data = json.loads(json.dumps(BASE))
     data.update(name=name, seed=seed, stages=stages)
+    if tune:
+        train = data["data"]["train"]
+        data["data"]["train"], data["data"]["val"] = {**train, "skip": tune}, {**train, "samples": tune}
     if checkpoint:
         data["model"]["checkpoint"] = checkpoint
     report_path = out / "report.json"
@@ -80,6 +86,10 @@ def main() -> None:
     ap.add_argument("--pre-epochs", type=int, default=10)
     ap.add_argument("--pre-lr", type=float, default=1e-2)
     ap.add_argument("--rate", type=float, default=1e-2, help="L1 rate s of the sparse runs")
+    ap.add_argument("--rate-of", nargs="*", default=[], metavar="METHOD=S",
+                    help="a method's own L1 rate (tuned with --tune), e.g. slimming=3e-3")
+    ap.add_argument("--tune", type=int, default=0, metavar="N",
+                    help="score on the first N train images (a tuning split; every run trains without them)")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--finetune-lr", type=float, default=4e-3)
     ap.add_argument("--methods", nargs="+", default=["group", "slimming", "uniform", "group-constant"])
@@ -94,13 +104,23 @@ def main() -> None:
         run_recipe("baseline", 0, None, [{"finetune": {"epochs": 20, "lr": 8e-3, "warmup_epochs": 1}}], out)
         baseline = stage_checkpoint(out, 1, "finetune")
 
-    pre = {"dynamic": {"sparse": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0,
-                                  "sparsity": "dynamic", "sparsity_rate": args.rate}},
-           "constant": {"sparse": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0,
-                                   "sparsity": "constant", "sparsity_rate": args.rate}},
-           "plain": {"finetune": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0}}}
-    target = {"macs": args.macs, **({"params": args.params} if args.params else {})}
+    rate_of = {m: args.rate for m in ("group", "group-global", "slimming", "group-constant")}
+    for item in args.rate_of:
+        method, _, value = item.partition("=")
+        if method not in rate_of:
+            ap.error(f"--rate-of {item}: METHOD is one of {', '.join(rate_of)}")
+        rate_of[method] = float(value)
+
+    def pre(kind: str, rate: float) -> dict[str, Any]:
+        if kind == "plain":
+            return {"finetune": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0}}
+        return {"sparse": {"epochs": args.pre_epochs, "lr": args.pre_lr, "warmup_epochs": 0, "sparsity": kind,
+                           "sparsity_rate": rate}}
+
+    target = {k: v for k, v in (("macs", args.macs), ("params", args.params)) if v}
     methods = {"group": ("dynamic", {"prune": {"target": target}}),
+               # the per-group threshold claim on its own: the same dynamic schedule, one global threshold
+               "group-global": ("dynamic", {"prune": {"target": target, "groups": {"all": ["*"]}}}),
                "slimming": ("constant", {"prune": {"target": target, "groups": {"all": ["*"]}}}),
                "uniform": ("plain", {"prune": {"target": target, "method": "uniform"}}),
                "group-constant": ("constant", {"prune": {"target": target}}),
@@ -111,25 +131,27 @@ def main() -> None:
 
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in args.methods}
     for seed in args.seeds:
-        needed = {methods[m][0] for m in args.methods}
-        pre_ckpt = {}
-        for kind in sorted(needed):
-            out = args.out / f"seed{seed}" / f"pre-{kind}"
-            report = run_recipe(f"pre-{kind}", seed, baseline, [pre[kind]], out)
-            pre_ckpt[kind] = (stage_checkpoint(out, 1, next(iter(pre[kind]))), report["stages"])
+        pre_ckpt: dict[tuple[str, float], tuple[str, list[dict[str, Any]]]] = {}
         for method in args.methods:
             kind, prune = methods[method]
-            out = args.out / f"seed{seed}" / method
-            report = run_recipe(method, seed, pre_ckpt[kind][0], [prune, finetune], out)
+            key = (kind, 0.0 if kind == "plain" else rate_of[method])
+            if key not in pre_ckpt:  # one pre-training per (schedule, rate), shared by the methods that use it
+                name = f"pre-{kind}" + ("" if kind == "plain" else f"-s{key[1]:g}")
+                out = args.out / f"seed{seed}" / name
+                report = run_recipe(name, seed, baseline, [pre(*key)], out, args.tune)
+                pre_ckpt[key] = (stage_checkpoint(out, 1, next(iter(pre(*key)))), report["stages"])
+            out = args.out / f"seed{seed}" / (method + ("" if key[0] == "plain" or key[1] == args.rate else f"-s{key[1]:g}"))
+            report = run_recipe(method, seed, pre_ckpt[key][0], [prune, finetune], out, args.tune)
             base, pruned, tuned = report["stages"]
-            rows[method].append({"pre": pre_ckpt[kind][1][-1]["metrics"]["map50"],
+            rows[method].append({"pre": pre_ckpt[key][1][-1]["metrics"]["map50"],
                                  "pruned": pruned["metrics"]["map50"], "final": tuned["metrics"]["map50"],
-                                 "params": pruned["params"] / pre_ckpt[kind][1][0]["params"],
-                                 "macs": pruned["macs"] / pre_ckpt[kind][1][0]["macs"]})
+                                 "params": pruned["params"] / pre_ckpt[key][1][0]["params"],
+                                 "macs": pruned["macs"] / pre_ckpt[key][1][0]["macs"]})
             print(f"seed {seed} {method}: {rows[method][-1]}", flush=True)
 
     print(f"\nyolo-n on digits-detect (128 px), baseline {baseline}; seeds {args.seeds}; pre-training "
-          f"{args.pre_epochs} epochs lr {args.pre_lr} (L1 rate {args.rate}); removed at least {target}; fine-tune "
+          f"{args.pre_epochs} epochs lr {args.pre_lr} (L1 rate per method {rate_of}); removed at least {target}; "
+          f"scored on {'the first %d train images (tuning split)' % args.tune if args.tune else 'val'}; fine-tune "
           f"{args.finetune_epochs} epochs lr {args.finetune_lr}; torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"{time.time() - started:.0f} s\n")

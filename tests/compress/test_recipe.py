@@ -74,7 +74,9 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_shipped_recipes_validate(name: str) -> None:
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
     assert recipe.stages[0].name == "finetune", "the baseline comes first"
-    assert [s.name for s in recipe.stages][1:] == ["sparse", "prune", "distill", "quantize", "export"]
+    # digits-yolo recovers by fine-tuning: it won the pre-registered distillation test (docs/BENCHMARKS.md, issue 14)
+    recovery = {"digits-cls": "distill", "digits-yolo": "finetune"}[name]
+    assert [s.name for s in recipe.stages][1:] == ["sparse", "prune", recovery, "quantize", "export"]
 
 
 def test_sparse_and_prune_must_share_their_scope(tiny_recipe_path: Path) -> None:

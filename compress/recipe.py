@@ -160,6 +160,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def with_tuning_split(data: dict[str, Any], images: int) -> dict[str, Any]:
+    """Raw recipe `data` section whose val is the first `images` train items and whose train skips them: a split to
+    choose settings on, carved out of train, so that val is never used for choosing."""
+    train = {key: value for key, value in data["train"].items() if key not in ("skip", "samples")}
+    return {**data, "train": {**train, "skip": images}, "val": {**train, "samples": images}}
+
+
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate raw recipe data; every problem becomes one RecipeError naming the field."""
     if not isinstance(data, dict):

@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 
 from compress.stages.distill import AttentionConfig
 from compress.pipeline import run
-from compress.recipe import parse_recipe
+from compress.recipe import parse_recipe, with_tuning_split
 
 
 def main() -> None:
@@ -69,8 +69,7 @@ def main() -> None:
     if args.attention_scale != 1.0:
         weights = attention.get("weights", AttentionConfig().weights)
         attention["weights"] = {role: w * args.attention_scale for role, w in weights.items()}
-    if args.balance is not None:
-        attention = {k: v for k, v in attention.items() if k not in ("weights", "layer_weights")}
+    if args.balance is not None:  # the stage then sets every beta from the starting terms
         attention["balance"] = args.balance
     off = {"weights": {"backbone": 0.0, "neck": 0.0, "coarsest": 0.0}}
     variants: dict[str, dict[str, Any]] = {
@@ -81,11 +80,7 @@ def main() -> None:
     }
     metric = "map50" if recipe["task"] == "detection" else "top1"
 
-    split_data = json.loads(json.dumps(recipe["data"]))
-    if args.tune:
-        train_ref = split_data["train"]
-        split_data["val"] = {**train_ref, "skip": 0, "samples": args.tune}
-        split_data["train"] = {**train_ref, "skip": args.tune}
+    split_data = with_tuning_split(recipe["data"], args.tune) if args.tune else recipe["data"]
     results: dict[str, list[float]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:

@@ -40,7 +40,7 @@ import torch
 from accelerate.utils import set_seed
 
 from compress.pipeline import run
-from compress.recipe import parse_recipe
+from compress.recipe import parse_recipe, with_tuning_split
 
 BASE = {
     "model": {"build": "compress:yolo-n", "num_classes": 10},
@@ -60,8 +60,7 @@ def run_recipe(name: str, seed: int, checkpoint: str | None, stages: list[dict[s
     data = json.loads(json.dumps(BASE))
     data.update(name=name, seed=seed, stages=stages)
     if tune:
-        train = data["data"]["train"]
-        data["data"]["train"], data["data"]["val"] = {**train, "skip": tune}, {**train, "samples": tune}
+        data["data"] = with_tuning_split(data["data"], tune)
     if checkpoint:
         data["model"]["checkpoint"] = checkpoint
     report_path = out / "report.json"

@@ -3,8 +3,16 @@
 From a fresh clone (one thread): the baseline is the finetune stage of the committed demo recipe, seed 0
 
     OMP_NUM_THREADS=1 compress run recipes/digits-yolo.yaml --out runs/yolo-s0 --set seed=0
-    OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline runs/yolo-s0/stages/01-finetune/model.safetensors \
-        --seeds 0 1 --methods group slimming uniform uniform-macs group-constant --out runs/bench-prune
+    B=runs/yolo-s0/stages/01-finetune/model.safetensors
+    M="group group-global slimming group-constant uniform"
+    # tuning (issue 14): each sparse method's L1 rate on the tuning split (first 300 train images), equal MACs
+    for r in 0.01 0.003 0.03; do OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline $B --seeds 0 --tune 300 \
+        --macs 0.4 --params 0 --finetune-epochs 5 --rate $r --methods $M --out runs/prune-tune-r$r; done
+    # scored on val at the tuned rate (3e-3 for every sparse method), at equal MACs and at equal params
+    OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline $B --seeds 0 1 --macs 0.4 --params 0 \
+        --finetune-epochs 5 --rate 0.003 --methods $M --out runs/prune-scored
+    OMP_NUM_THREADS=1 python tools/bench_prune.py --baseline $B --seeds 0 1 --macs 0 --params 0.7 \
+        --finetune-epochs 5 --rate 0.003 --methods $M --out runs/prune-scored
 
 (only its finetune stage is used). Without --baseline the script trains a baseline itself into OUT/baseline
 (seed 0, the recipe's finetune settings, as a one-stage recipe).
@@ -23,7 +31,7 @@ From one trained yolo-n (the demo's finetune stage; trained here first when --ba
 
 Every method gets the same training budget before pruning (--pre-epochs at the same lr, with or without
 the L1 term), removes at least the same share of MACs and params (--macs, --params: the demo's target), then the same plain fine-tune
-(--finetune-epochs). Every step is a recipe run by the pipeline into OUT/<seed>/<step> (resumable: a
+(--finetune-epochs). Every step is a recipe run by the pipeline into OUT/seedS/<pre-training> or OUT/seedS/<target>/<method> (resumable: a
 finished step is not re-run). Prints one table, mAP@0.5 on digits-detect val, mean over seeds.
 """
 from __future__ import annotations
@@ -117,6 +125,7 @@ def main() -> None:
                            "sparsity_rate": rate}}
 
     target = {k: v for k, v in (("macs", args.macs), ("params", args.params)) if v}
+    target_tag = "-".join(f"{k}{v:g}" for k, v in target.items())
     methods = {"group": ("dynamic", {"prune": {"target": target}}),
                # the per-group threshold claim on its own: the same dynamic schedule, one global threshold
                "group-global": ("dynamic", {"prune": {"target": target, "groups": {"all": ["*"]}}}),
@@ -139,7 +148,9 @@ def main() -> None:
                 out = args.out / f"seed{seed}" / name
                 report = run_recipe(name, seed, baseline, [pre(*key)], out, args.tune)
                 pre_ckpt[key] = (stage_checkpoint(out, 1, next(iter(pre(*key)))), report["stages"])
-            out = args.out / f"seed{seed}" / (method + ("" if key[0] == "plain" or key[1] == args.rate else f"-s{key[1]:g}"))
+            # pre-training is shared across targets; each target's prune + fine-tune gets its own folder
+            out = (args.out / f"seed{seed}" / target_tag
+                   / (method + ("" if key[0] == "plain" or key[1] == args.rate else f"-s{key[1]:g}")))
             report = run_recipe(method, seed, pre_ckpt[key][0], [prune, finetune], out, args.tune)
             base, pruned, tuned = report["stages"]
             rows[method].append({"pre": pre_ckpt[key][1][-1]["metrics"]["map50"],
@@ -154,12 +165,15 @@ def main() -> None:
           f"{args.finetune_epochs} epochs lr {args.finetune_lr}; torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"{time.time() - started:.0f} s\n")
-    print("| method | mAP@0.5 before pruning | after pruning | after fine-tune | per seed (fine-tuned) | params | MACs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | mAP@0.5 before pruning | after pruning | after fine-tune (mean) | std | per seed (fine-tuned) "
+          "| params | MACs |")
+    print("|---|---|---|---|---|---|---|---|")
     for method, runs in rows.items():
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        finals = torch.tensor([r["final"] for r in runs], dtype=torch.float64)
+        spread = f"{finals.std().item():.4f}" if len(runs) > 1 else "-"
         per_seed = " / ".join(f"{r['final']:.4f}" for r in runs)
-        print(f"| {method} | {mean['pre']:.4f} | {mean['pruned']:.4f} | {mean['final']:.4f} | {per_seed} | "
+        print(f"| {method} | {mean['pre']:.4f} | {mean['pruned']:.4f} | {mean['final']:.4f} | {spread} | {per_seed} | "
               f"{mean['params']:.3f}x | {mean['macs']:.3f}x |")
 
 

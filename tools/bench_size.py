@@ -58,7 +58,7 @@ def fork_run(run_dir: Path, dest: Path, keep: int) -> None:
 
 
 def run_variant(recipe_path: Path, run_dir: Path, dest: Path, overrides: list[str],
-                base: list[str] = ()) -> dict[str, Any]:
+                base: list[str] = (), keep: int | None = None) -> dict[str, Any]:
     from compress.format.breakdown import byte_breakdown
     from compress.pipeline import run
     from compress.recipe import load_recipe
@@ -66,7 +66,7 @@ def run_variant(recipe_path: Path, run_dir: Path, dest: Path, overrides: list[st
     recipe = load_recipe(recipe_path, list(base))
     names = [next(iter(s)) for s in recipe.to_dict()["stages"]]
     q = names.index("quantize")
-    fork_run(run_dir, dest, q)
+    fork_run(run_dir, dest, q if keep is None else keep)
     start = time.perf_counter()
     report = run(load_recipe(recipe_path, [*base, *(f"stages.{q}.quantize.{o}" for o in overrides)]), dest,
                  resume=True)
@@ -105,7 +105,11 @@ def main() -> None:
                         help="extra variants: 'key=value,key=value@BITS' quantize overrides at BITS")
     parser.add_argument("--out", type=Path, required=True, help="folder for the forked runs and the tables")
     parser.add_argument("--set", dest="base", nargs="*", default=[],
-                        help="recipe overrides the run was made with (e.g. seed=1), as `compress run --set`")
+                        help="recipe overrides the run was made with (e.g. seed=1), as `compress run --set`; with "
+                             "--keep-stages, also overrides of the stages after the kept ones")
+    parser.add_argument("--keep-stages", type=int, default=None, metavar="N",
+                        help="fork after the run's first N finished stages (default: every stage before quantize), so "
+                             "that --set can change the later ones, e.g. the recovery: stages.3.distill.epochs=15")
     args = parser.parse_args()
 
     import torch
@@ -124,7 +128,7 @@ def main() -> None:
     rows = []
     for overrides in variants:
         name = "_".join(o.replace("=", "") for o in overrides)
-        row = run_variant(args.recipe, args.run_dir, args.out / name, overrides, args.base)
+        row = run_variant(args.recipe, args.run_dir, args.out / name, overrides, args.base, args.keep_stages)
         rows.append(row)
         print(f"{' '.join(overrides)}: {row['metric']} {row['value']:.4f} (drop {row['drop']:+.4f}), "
               f"{row['file_bytes']:,} bytes ({row['ratio']:.1f}x fp32), {row['bits_per_weight']:.2f} bits/param "

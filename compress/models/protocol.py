@@ -188,14 +188,14 @@ def raw_outputs(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, a torchvision detector returns its raw head outputs for a batch tensor (fixed
     shapes, differentiable) instead of post-processed boxes; other models are left as they are. The forward
     is bound to the model, so a deepcopy taken inside the block (quantize's float copy) runs itself."""
-    if not is_torchvision_detector(model) or not hasattr(model, "transform"):
-        yield model
+    if not is_torchvision_detector(model) or not hasattr(model, "transform") or "forward" in vars(model):
+        yield model  # not a torchvision detector, or already inside a raw_outputs block (nested use is a no-op)
         return
     model.forward = types.MethodType(_raw_detector_forward, model)
     try:
         yield model
     finally:
-        del model.forward
+        vars(model).pop("forward", None)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

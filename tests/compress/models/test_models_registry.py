@@ -143,3 +143,37 @@ def test_raw_forward_gives_a_fixed_size_detector_the_size_its_transform_would() 
         with raw_outputs(model):
             want = model(small)
     assert [t.shape for t in out.values()] == [t.shape for t in want.values()]
+
+
+def test_raw_outputs_nests_and_restores_the_detector_forward() -> None:
+    """quantize's BN-pair finder opens raw_outputs inside the quantize stage's own block; the inner exit must not
+    strip the outer block's forward, and the outer exit must leave torchvision's forward (boxes out)."""
+    from collections import OrderedDict
+
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+
+    from compress.models.protocol import raw_outputs
+
+    class Backbone(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+            self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> OrderedDict:
+            a = self.a(x)
+            return OrderedDict([("0", a), ("1", self.b(a))])
+
+    torch.manual_seed(0)
+    model = SSD(Backbone(), DefaultBoxGenerator([[2], [2]]), (32, 32), num_classes=3).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        with raw_outputs(model):
+            with raw_outputs(model):
+                inner = model(images)
+            outer = model(images)  # still raw after the inner block closed
+        assert isinstance(inner, dict) and isinstance(outer, dict) and set(inner) == set(outer)
+        assert "forward" not in vars(model)
+        detections = model(list(images))
+    assert set(detections[0]) == {"boxes", "scores", "labels"}

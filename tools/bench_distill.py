@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,8 @@ def main() -> None:
     attention = json.loads(json.dumps(recovery_cfg.get("attention", {})))
     for item in args.attention_weights:
         role, _, value = item.partition("=")
-        if role not in ("backbone", "neck", "coarsest"):
-            ap.error(f"--attention-weights {item}: ROLE is backbone, neck or coarsest")
+        if role not in AttentionConfig().weights:
+            ap.error(f"--attention-weights {item}: ROLE is one of {', '.join(AttentionConfig().weights)}")
         attention.setdefault("weights", {})[role] = float(value)
     if args.attention_scale != 1.0:
         weights = attention.get("weights", AttentionConfig().weights)
@@ -121,8 +122,8 @@ def main() -> None:
     print(f"| variant | {metric} (mean) | std | min - max | per seed |")
     print("|---|---|---|---|---|")
     for variant, values in results.items():
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {variant} | {mean:.4f} | {std:.4f} | {min(values):.4f} - {max(values):.4f} | "
               f"{' / '.join(f'{v:.4f}' for v in values)} |")
 

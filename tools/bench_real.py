@@ -151,6 +151,8 @@ def main() -> None:
                        "stored_bits_per_param": round(result["file_bytes"] * 8 / result["params_after"], 4),
                        "quantized_bits_per_weight": plan.get("bits_per_weight"), "seconds": round(seconds, 1),
                        "options": options}
+                if plan.get("tuning"):  # the calibration loss before / after the codebook tuning (tune_steps)
+                    row["tuning"] = {k: plan["tuning"].get(k) for k in ("loss_before", "loss_after", "kept")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json:

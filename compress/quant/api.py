@@ -182,7 +182,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
     layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, spec, config, progress)
     with_stats = config.needs_stats() and bool(batches)
-    keep_float = (with_stats and config.sequential) or (config.bias_correction > 0 and bool(batches))
+    keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
+                                                         and bool(batches))
     float_model = copy.deepcopy(model) if keep_float else model
     stats_all = {}
     float_inputs, replay = None, None
@@ -243,7 +244,15 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         done = {e["name"] for e in layers}
         corrected = correct_bias(float_model, model, [s for s in ordered if s.name in done],
                                  _first_samples(batches, 64), config.bias_correction)
-    del float_model, float_inputs, replay
+    del float_inputs, replay
+    tuning = None
+    if config.tune_steps > 0 and batches and float_model is not model:
+        from compress.quant.tune import tune_codebooks
+
+        advance = None if progress is None else (lambda loss: progress({"phase": "tune", "loss": loss,
+                                                                         "total": config.tune_steps}))
+        tuning = tune_codebooks(float_model, model, batches, config.tune_steps, config.tune_lr, advance)
+    del float_model
     n_quant = max(sum(e["weights"] for e in layers), 1)
     n = n_quant + sum(e["weights"] for e in kept_float)
     stored = sum(storage_bits(e["layout"]) for e in layers) + FLOAT_BITS * sum(e["weights"] for e in kept_float)
@@ -253,7 +262,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),
                "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
-               "bias_corrected_layers": corrected}
+               "bias_corrected_layers": corrected, "tuning": tuning}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
             "layers": layers, "summary": summary}
 

@@ -172,7 +172,7 @@ def fold_batchnorm(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def _is_plain_bias(bn: nn.Module) -> bool:
+def is_plain_bias(bn: nn.Module) -> bool:
     """A BN that `fold_batchnorm` left as a per-channel bias: mean 0, weight 1 and var + eps == 1 in its dtype."""
     one = (bn.running_var + bn.eps).eq(1.0).all()
     return bool(one and bn.running_mean.eq(0).all() and bn.weight.eq(1).all())
@@ -190,7 +190,7 @@ def remove_batchnorms(model: nn.Module, batch: Any) -> list[list[str]]:
     modules = dict(model.named_modules())
     for conv_name, bn_name in find_conv_bn_pairs(model, batch):
         conv, bn = modules[conv_name], modules[bn_name]
-        plain = _is_plain_bias(bn)
+        plain = is_plain_bias(bn)
         if hasattr(conv, "quant_layout") and not plain:
             continue
         beta = bn.bias.double()

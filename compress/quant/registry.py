@@ -62,6 +62,11 @@ class QuantConfig(Config):
                                  "64 calibration inputs, through its bias or the next BatchNorm's running mean")
     fold_bn: bool = Field(False, description="fold each BatchNorm that follows a conv into the conv's weight before "
                           "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
+    tune_steps: int = Field(0, ge=0, description="after quantizing, Adam steps that train every codebook and the "
+                            "per-channel scales and biases together toward the float model's outputs on the "
+                            "calibration inputs (mapping fixed; compress.quant.tune; 0: none)")
+    tune_lr: float = Field(1e-3, gt=0, description="learning rate of the tuning steps (codebooks: in units of each "
+                           "codebook's spread)")
 
     @model_validator(mode="after")
     def _check_allocation(self) -> QuantConfig:

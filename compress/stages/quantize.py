@@ -68,13 +68,17 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
     """Quantize with the calib split's images only; the plan goes to the checkpoint meta and the stage dir."""
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch) for batch in loader]
-    with ctx.progress(f"quantize ({config.method})", total=_count_sites(model, config)) as advance:
+    # one bar: a tick per layer, then one per codebook-tuning step (tune_steps)
+    total = _count_sites(model, config) + int(config.options.get("tune_steps", 0))
+    with ctx.progress(f"quantize ({config.method})", total=total) as advance:
         def progress(event: dict[str, Any]) -> None:
             if event["phase"] == "quantize":
                 info = {"bits": event["bits"]}
                 if event.get("error") is not None:
                     info["err"] = event["error"]
                 advance(**info)
+            elif event["phase"] == "tune":
+                advance(tune_loss=event["loss"])
 
         with raw_outputs(model):  # torchvision detectors: calibrate on their raw head outputs
             model = quantize(model, batches, method=config.method, progress=progress, **config.options)

@@ -20,7 +20,7 @@ from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
 from compress.quant.replay import Replay
 from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
-from compress.quant.plan import allocate_bits, measure_sensitivity
+from compress.quant.plan import allocate_bits, batch_size, calibration_rows, floored_choices, measure_sensitivity
 from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss
 
@@ -140,17 +140,20 @@ def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlc
     model.eval()
     try:
         ordered, _ = call_order(model, sites, batches[0]) if batches else (sites, {})
-        layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, get_method(method), config, progress)
+        layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, get_method(method), config,
+                                                              progress)
     finally:
         model.train(was_training)
-    return {"bits": layer_bits, "sensitivity": sensitivity, "feasible": feasible}
+    return {"bits": layer_bits, "sensitivity": sensitivity, "feasible": feasible, "floors": floors}
 
 
 def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
-              progress: Progress | None) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool]:
-    """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed)."""
+              progress: Progress | None) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool,
+                                                  dict[str, int]]:
+    """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed); and the floors
+    that held (underdetermined_margin)."""
     if config.allocation == "uniform":
-        return {s.name: int(config.bits) for s in ordered}, {}, True
+        return {s.name: int(config.bits) for s in ordered}, {}, True, {}
     if not batches:
         raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
     choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
@@ -158,7 +161,11 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
     with channels_last_on_cpu(model, scope="sensitivity", probe=lambda: model(sens_batches[0])):
         sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
     budget = plan_budget_bits(model, ordered, config)
-    layer_bits, feasible = allocate_bits(sensitivity, budget)
+    floors = _underdetermined_floors(model, ordered, batches, config)
+    layer_bits, feasible = allocate_bits(floored_choices(sensitivity, floors), budget) if floors else (None, False)
+    if not feasible:  # no floor, or the floors do not fit the budget: the plain allocation
+        floors = {}
+        layer_bits, feasible = allocate_bits(sensitivity, budget)
     if not feasible:
         floor = sum(min(v["bits"] for v in opts.values()) for opts in sensitivity.values())
         n = sum(s.weight.numel() for s in ordered)
@@ -170,7 +177,22 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
             need = f"at least {config.size_bytes + (floor - budget) / 8:,.0f} bytes"
         raise UserError(f"quantize: the target {target} cannot be met: it needs {need}; ask for more, or add "
                         "narrower bit_choices / ignore layers")
-    return layer_bits, sensitivity, feasible
+    return layer_bits, sensitivity, feasible, floors
+
+
+def _underdetermined_floors(model: nn.Module, ordered: list[Site], batches: list[Any],
+                            config: QuantConfig) -> dict[str, int]:
+    """underdetermined_margin: the fewest bits of each layer whose calibration rows are fewer than its inputs
+    (its least-squares fit cannot pin the weights down, so its learned error stays near the data-free one the
+    sensitivity measured, while the other layers' fall well below theirs)."""
+    margin = getattr(config, "underdetermined_margin", None)
+    if margin is None or config.size_bytes is not None:
+        return {}
+    floor = math.ceil(config.bits) - margin
+    if floor <= 1:
+        return {}
+    rows = calibration_rows(model, ordered, batches, config.max_samples)
+    return {s.name: floor for s in ordered if s.name in rows and rows[s.name] < matrix_shape(s.weight.shape)[1]}
 
 
 def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
@@ -180,7 +202,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if site.kind in DATA_FREE_KINDS:
             counts[site.name] = 0
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
-    layer_bits, sensitivity, feasible = _allocate(model, ordered, batches, spec, config, progress)
+    layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, spec, config, progress)
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
                                                          and bool(batches))
@@ -262,7 +284,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),
                "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
-               "bias_corrected_layers": corrected, "tuning": tuning}
+               "bias_corrected_layers": corrected, "bit_floors": floors, "tuning": tuning}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
             "layers": layers, "summary": summary}
 
@@ -282,7 +304,5 @@ def _first_samples(batches: list[Any], samples: int) -> list[Any]:
         if seen >= samples:
             break
         out.append(batch)
-        parts = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
-        first = next((t for t in parts if torch.is_tensor(t)), None)
-        seen += first.shape[0] if first is not None and first.dim() else 1
+        seen += batch_size(batch)
     return out

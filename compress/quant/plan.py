@@ -29,7 +29,8 @@ from compress.quant.sites import Site, call_name, no_fastpath
 from compress.format.weights import decode, storage_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
-__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "estimated_widths"]
+__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "estimated_widths", "calibration_rows",
+           "floored_choices", "batch_size"]
 
 
 def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]], metric: str = "mse") -> float:
@@ -145,3 +146,46 @@ def allocate_bits(sensitivity: dict[str, dict[int, dict[str, float]]], budget_bi
         name, wider, extra = best
         plan[name] = wider
         used += extra
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (1 when it has none)."""
+    parts = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+    first = next((t for t in parts if torch.is_tensor(t)), None)
+    return first.shape[0] if first is not None and first.dim() else 1
+
+
+@torch.no_grad()
+def calibration_rows(model: nn.Module, sites: list[Site], batches: list[Any], max_samples: int) -> dict[str, int]:
+    """Input rows each layer's statistics will hold: its rows per sample on the first batch (a conv: one per
+    output position; a linear layer: one per token) times the calibration samples, capped at `max_samples`.
+    Counted from each layer's output (rows = elements / output channels); attention layers are left out."""
+    per_batch: dict[str, int] = {}
+    handles = []
+    for site in sites:
+        if site.kind not in ("conv", "linear"):
+            continue
+
+        def hook(module: nn.Module, _a: Any, out: Any, name: str = site.name) -> None:
+            if torch.is_tensor(out) and out.dim() >= 2:
+                channels = out.shape[1] if out.dim() > 2 and isinstance(module, nn.modules.conv._ConvNd) else out.shape[-1]
+                per_batch[name] = per_batch.get(name, 0) + out.numel() // max(channels, 1)
+        handles.append(site.module.register_forward_hook(hook))
+    try:
+        _run(model, batches[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    first = max(batch_size(batches[0]), 1)
+    samples = sum(batch_size(b) for b in batches)
+    return {name: min(max_samples, rows * samples // first) for name, rows in per_batch.items()}
+
+
+def floored_choices(sensitivity: dict[str, dict[int, dict[str, float]]], floors: dict[str, int]
+                    ) -> dict[str, dict[int, dict[str, float]]]:
+    """The sensitivity table without the widths below each floored layer's floor (the float choice stays)."""
+    out = {}
+    for name, options in sensitivity.items():
+        kept = {b: v for b, v in options.items() if b >= floors.get(name, 0)}
+        out[name] = kept or options
+    return out

@@ -12,8 +12,10 @@ DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-st
 # jlcm options a shrink uses unless quant_options says otherwise. A shrink calibrates on a few images, so each
 # layer's fit gets a stronger ridge toward the float weights than a recipe's (JLCMConfig.damp 0.01, where the
 # calibration images are the training data): chosen on photo folds that never read photos:val
-# (tools/bench_real.py --fold, docs/BENCHMARKS.md "Real pretrained model").
-SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0}
+# (tools/bench_real.py --fold, docs/BENCHMARKS.md "Real pretrained model"). A few images also leave a classifier
+# fed one pooled vector per image with fewer calibration rows than inputs: its fit is underdetermined, so the
+# allocation gives it at least the target rounded up minus one bit (underdetermined_margin; same folds).
+SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0, "underdetermined_margin": 1}
 
 
 class ShrinkConfig(Config):

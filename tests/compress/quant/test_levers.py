@@ -198,3 +198,42 @@ def test_pairs_of_an_untraceable_model_come_from_the_autograd_graph() -> None:
     assert remove_batchnorms(folded, x) == [["conv", "bn"]]
     with torch.no_grad():
         assert torch.allclose(folded(x), net(x), atol=1e-5)
+
+
+class _WideHead(nn.Module):
+    """A conv (many rows per image) and a linear head wider than the few calibration images (one row each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_underdetermined_layers_are_counted_and_floored() -> None:
+    from compress.quant.plan import allocate_bits, calibration_rows, floored_choices
+    from compress.quant.sites import find_sites
+
+    torch.manual_seed(0)
+    net = _WideHead().eval()
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    assert calibration_rows(net, find_sites(net), x, 8192) == {"conv": 2 * 4 * 12 * 12, "head": 8}
+    assert calibration_rows(net, find_sites(net), x, 100) == {"conv": 100, "head": 8}
+    # the head has 8 rows for 32 inputs: floored at the target rounded up minus the margin, the conv is not
+    plan = cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4),
+                        underdetermined_margin=1)
+    assert plan["floors"] == {"head": 2} and plan["bits"]["head"] >= 2
+    assert cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4))["floors"] == {}
+    assert cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=2, bit_choices=(1, 2, 3, 4),
+                        underdetermined_margin=1)["floors"] == {}  # a floor of 1 bit is no floor
+    q = cq.quantize(copy.deepcopy(net), x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4),
+                    underdetermined_margin=1)
+    assert q.quantization_plan["summary"]["bit_floors"] == {"head": 2}
+    # the allocation itself: where the plain plan gives the floored layer 1 bit, the floored one cannot
+    sens = {"head": {1: {"error": 0.2, "bits": 100.0}, 2: {"error": 0.15, "bits": 200.0}},
+            "conv": {1: {"error": 1.0, "bits": 1000.0}, 2: {"error": 0.1, "bits": 2000.0}}}
+    assert allocate_bits(sens, 2100.0) == ({"head": 1, "conv": 2}, True)
+    assert allocate_bits(floored_choices(sens, {"head": 2}), 2200.0) == ({"head": 2, "conv": 2}, True)
+    assert allocate_bits(floored_choices(sens, {"head": 2}), 1250.0) == ({"head": 2, "conv": 1}, True)

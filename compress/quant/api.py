@@ -188,7 +188,7 @@ def _underdetermined_floors(model: nn.Module, ordered: list[Site], batches: list
     margin = getattr(config, "underdetermined_margin", None)
     if margin is None or config.size_bytes is not None:
         return {}
-    floor = math.ceil(config.bits) - margin
+    floor = math.floor(config.bits) - margin
     if floor <= 1:
         return {}
     rows = calibration_rows(model, ordered, batches, config.max_samples)

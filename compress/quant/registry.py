@@ -46,7 +46,7 @@ class QuantConfig(Config):
     underdetermined_margin: int | None = Field(None, ge=0, le=8, description="mixed, bits target: a layer whose "
                                                "calibration rows are fewer than its inputs (an underdetermined fit, "
                                                "as a classifier fed one pooled vector per image) gets at least the "
-                                               "target rounded up minus this many bits (None: no floor)")
+                                               "target rounded down minus this many bits (None: no floor)")
     sensitivity_proxy: bool = Field(False, description="mixed: measure each layer's output error at one width only "
                                     "(the middle one) and scale it to the other widths by their weight error "
                                     "(one forward per layer instead of one per width; an approximation)")

@@ -97,8 +97,9 @@ def tune_codebooks(float_model: nn.Module, model: nn.Module, batches: list[Any],
     """Train the codebooks of `model`'s quantized layers and its per-channel parameters for `steps` Adam steps
     (cycling `batches`, eval mode) toward `float_model`'s outputs; in place. Codebook learning rates are in
     units of each codebook's spread (lr x its std), the others plain. Returns {"steps", "loss_before",
-    "loss_after", "kept", "codebooks", "parameters"}: `kept` is False when the tuned state did not lower the
-    loss on the calibration batches, and the model was rolled back."""
+    "loss_after", "kept", "codebooks", "parameters", "first_losses", "last_losses"} (the training losses of the
+    first and the last 5 steps): `kept` is False when the tuned state did not lower the loss on the calibration
+    batches, and the model was rolled back."""
     layers = tunable_codebooks(model)
     if not layers or steps <= 0 or not batches:
         return {"steps": 0, "kept": False, "codebooks": 0, "parameters": 0}
@@ -108,13 +109,13 @@ def tune_codebooks(float_model: nn.Module, model: nn.Module, batches: list[Any],
     saved = {name: {k: v.clone() for k, v in m.quant_buffers().items()} for name, m in layers.items()}
     channel = _per_channel_params(model, set(layers.values()))
     channel_saved = [p.detach().clone() for p in channel]
-    frozen = [p for p in model.parameters() if p.requires_grad]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     layouts = {name: (m, dict(m.quant_layout), m._quant_attr, m.quant_buffers(), m._dense_dtype)
                for name, m in layers.items()}
     was_training = model.training
     model.eval()
     try:
-        for p in frozen:
+        for p, _ in flags:
             p.requires_grad_(False)
         params = _parametrize(layers, layouts)
         for p in channel:
@@ -143,8 +144,8 @@ def tune_codebooks(float_model: nn.Module, model: nn.Module, batches: list[Any],
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
             if not isinstance(module, QuantizedWeight):
                 attach_quantized(module, layout, buffers, attr)
-        for p in frozen:
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         model.train(was_training)
     for name, (module, _, attr, _, _) in layouts.items():
         stored = getattr(module, f"{attr}_codebook")

@@ -14,7 +14,8 @@ DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-st
 # calibration images are the training data): chosen on photo folds that never read photos:val
 # (tools/bench_real.py --fold, docs/BENCHMARKS.md "Real pretrained model"). A few images also leave a classifier
 # fed one pooled vector per image with fewer calibration rows than inputs: its fit is underdetermined, so the
-# allocation gives it at least the target rounded up minus one bit (underdetermined_margin; same folds).
+# allocation gives it at least the target rounded down minus one bit (underdetermined_margin; same folds at 3 and
+# 4 bits; rounded down, not up, after photos:val showed the 2-bit floor losing at 2.5 bits: docs/BENCHMARKS.md).
 SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0, "underdetermined_margin": 1}
 
 

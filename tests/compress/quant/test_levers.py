@@ -221,13 +221,14 @@ def test_underdetermined_layers_are_counted_and_floored() -> None:
     x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
     assert calibration_rows(net, find_sites(net), x, 8192) == {"conv": 2 * 4 * 12 * 12, "head": 8}
     assert calibration_rows(net, find_sites(net), x, 100) == {"conv": 100, "head": 8}
-    # the head has 8 rows for 32 inputs: floored at the target rounded up minus the margin, the conv is not
+    # the head has 8 rows for 32 inputs: floored at the target rounded down minus the margin, the conv is not
     plan = cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4),
                         underdetermined_margin=1)
     assert plan["floors"] == {"head": 2} and plan["bits"]["head"] >= 2
     assert cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4))["floors"] == {}
-    assert cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=2, bit_choices=(1, 2, 3, 4),
-                        underdetermined_margin=1)["floors"] == {}  # a floor of 1 bit is no floor
+    for bits in (2, 2.5):  # a floor of 1 bit (the target rounded down, minus 1) is no floor
+        assert cq.plan_bits(net, x, method="kmeans", allocation="mixed", bits=bits, bit_choices=(1, 2, 3, 4),
+                            underdetermined_margin=1)["floors"] == {}
     q = cq.quantize(copy.deepcopy(net), x, method="kmeans", allocation="mixed", bits=3, bit_choices=(1, 2, 3, 4),
                     underdetermined_margin=1)
     assert q.quantization_plan["summary"]["bit_floors"] == {"head": 2}

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from compress.format.layers import QuantizedWeight, attach_quantized, quantized_modules
+from compress.format.layers import QuantizedWeight, attach_quantized, detach_quantized, quantized_modules
 from compress.format.weights import _unpack, matrix_shape, row_groups
 from compress.models.protocol import float_outputs
 from compress.quant.fold import is_plain_bias
@@ -106,21 +106,28 @@ def tune_codebooks(float_model: nn.Module, model: nn.Module, batches: list[Any],
     float_model.eval()
     with torch.no_grad(), no_fastpath():
         targets = [[t.detach() for t in float_outputs(float_model(b))] for b in batches]
-    saved = {name: {k: v.clone() for k, v in m.quant_buffers().items()} for name, m in layers.items()}
     channel = _per_channel_params(model, set(layers.values()))
     channel_saved = [p.detach().clone() for p in channel]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    layouts = {name: (m, dict(m.quant_layout), m._quant_attr, m.quant_buffers(), m._dense_dtype)
-               for name, m in layers.items()}
+    # what re-attaches each layer afterwards: its layout and stored tensors (only the codebook will change)
+    stored = {name: (dict(m.quant_layout), m.quant_buffers()) for name, m in layers.items()}
+    attrs = {name: m._quant_attr for name, m in layers.items()}
+    saved_codebooks = {name: buffers["codebook"].clone() for name, (_, buffers) in stored.items()}
     was_training = model.training
     model.eval()
+    decoders: dict[str, _CodebookWeight] = {}
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        params = _parametrize(layers, layouts)
+        for name, module in layers.items():  # stock class, its weight decoded from a trainable codebook
+            decoders[name] = _CodebookWeight(*stored[name]).to(stored[name][1]["packed"].device)
+            attr = attrs[name]
+            detach_quantized(module).get_parameter(attr).requires_grad_(False)
+            parametrize.register_parametrization(module, attr, decoders[name], unsafe=True)
         for p in channel:
             p.requires_grad_(True)
-        groups = [{"params": [p], "lr": lr * float(p.detach().std().clamp_min(1e-8))} for p in params]
+        groups = [{"params": [d.codebook], "lr": lr * float(d.codebook.detach().std().clamp_min(1e-8))}
+                  for d in decoders.values()]
         groups.append({"params": channel, "lr": lr})
         optimizer = torch.optim.Adam(groups)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -136,50 +143,30 @@ def tune_codebooks(float_model: nn.Module, model: nn.Module, batches: list[Any],
                 losses.append(loss.item())
                 if advance is not None:
                     advance(losses[-1])
-        new_codebooks = {name: layouts[name][0].parametrizations[layouts[name][2]][0].codebook.detach()
-                         for name in layers}
     finally:
-        for module, layout, attr, buffers, _ in layouts.values():
+        for name, module in layers.items():
+            attr = attrs[name]
             if parametrize.is_parametrized(module, attr):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
             if not isinstance(module, QuantizedWeight):
-                attach_quantized(module, layout, buffers, attr)
+                attach_quantized(module, *stored[name], attr)
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    for name, (module, _, attr, _, _) in layouts.items():
-        stored = getattr(module, f"{attr}_codebook")
-        stored.copy_(new_codebooks[name].to(stored.dtype))
+    for name, decoder in decoders.items():
+        codebook = stored[name][1]["codebook"]  # the layer's own buffer again
+        codebook.copy_(decoder.codebook.detach().to(codebook.dtype))
     after = _mean_loss(model, batches, targets)
     kept = after < before
     if not kept:
-        for name, module in layers.items():
-            for key, value in saved[name].items():
-                getattr(module, f"{module._quant_attr}_{key}").copy_(value)
         with torch.no_grad():
+            for name, codebook in saved_codebooks.items():
+                stored[name][1]["codebook"].copy_(codebook)
             for p, value in zip(channel, channel_saved):
                 p.copy_(value)
     return {"steps": steps, "loss_before": before, "loss_after": after, "kept": kept,
-            "codebooks": len(layers), "parameters": sum(p.numel() for p in new_codebooks.values())
+            "codebooks": len(layers), "parameters": sum(d.codebook.numel() for d in decoders.values())
             + sum(p.numel() for p in channel), "first_losses": losses[:1], "last_losses": losses[-5:]}
-
-
-def _parametrize(layers: dict[str, QuantizedWeight], layouts: dict[str, tuple]) -> list[nn.Parameter]:
-    """Swap each quantized layer for its stock class whose weight is decoded from a trainable codebook."""
-    params = []
-    for module, layout, attr, buffers, dtype in layouts.values():
-        device = buffers["packed"].device
-        decoder = _CodebookWeight(layout, buffers).to(device)
-        for key in list(buffers):
-            delattr(module, f"{attr}_{key}")
-        for key in ("quant_layout", "_dense_dtype", "_dense_cache", "_kernel_cache"):
-            module.__dict__.pop(key, None)
-        module.__class__ = module._quant_base
-        module.register_parameter(attr, nn.Parameter(torch.empty(layout["shape"], device=device, dtype=dtype),
-                                                     requires_grad=False))
-        parametrize.register_parametrization(module, attr, decoder, unsafe=True)
-        params.append(decoder.codebook)
-    return params
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from compress.format.weights import bits_per_weight, decode, matrix_shape, stora
 from compress.models.memory_format import channels_last_on_cpu
 from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
+from compress.quant.fold import fuse_plain_biases, unfuse_plain_biases
 from compress.quant.replay import Replay
 from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
 from compress.quant.plan import allocate_bits, batch_size, calibration_rows, floored_choices, measure_sensitivity
@@ -108,7 +109,7 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     model.eval()
     try:
         with channels_last_on_cpu(model, scope="fit", probe=lambda: model(batches[0]) if batches else None):
-            plan = _quantize(model, sites, batches, spec, config, progress)
+            plan = _quantize(model, sites, batches, spec, config, progress, folded)
     finally:
         model.train(was_training)
     plan["summary"]["seconds"] = round(time.perf_counter() - start, 3)
@@ -148,10 +149,11 @@ def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlc
 
 
 def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
-              progress: Progress | None) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool,
-                                                  dict[str, int]]:
+              progress: Progress | None, folded: list[tuple[str, str]] = ()
+              ) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool, dict[str, int]]:
     """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed); and the floors
-    that held (underdetermined_margin)."""
+    that held (underdetermined_margin). The `folded` conv -> BN pairs have their BN bias added by the conv
+    during the sensitivity passes (compress.quant.fold.fuse_plain_biases)."""
     if config.allocation == "uniform":
         return {s.name: int(config.bits) for s in ordered}, {}, True, {}
     if not batches:
@@ -159,7 +161,11 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
     choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
     sens_batches = _first_samples(batches, config.sensitivity_samples)
     with channels_last_on_cpu(model, scope="sensitivity", probe=lambda: model(sens_batches[0])):
-        sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
+        fuse_plain_biases(model, list(folded))
+        try:
+            sensitivity = measure_sensitivity(model, ordered, sens_batches, spec, config, choices, progress)
+        finally:
+            unfuse_plain_biases(model)
     budget = plan_budget_bits(model, ordered, config)
     floors = _underdetermined_floors(model, ordered, batches, config)
     layer_bits, feasible = allocate_bits(floored_choices(sensitivity, floors), budget) if floors else (None, False)
@@ -196,13 +202,13 @@ def _underdetermined_floors(model: nn.Module, ordered: list[Site], batches: list
 
 
 def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
-              progress: Progress | None) -> dict[str, Any]:
+              progress: Progress | None, folded: list[tuple[str, str]]) -> dict[str, Any]:
     ordered, counts = call_order(model, sites, batches[0]) if batches else (sites, {})
     for site in ordered:  # no input statistics for these: quantized from their weights alone
         if site.kind in DATA_FREE_KINDS:
             counts[site.name] = 0
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
-    layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, spec, config, progress)
+    layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, spec, config, progress, folded)
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
                                                          and bool(batches))

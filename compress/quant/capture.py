@@ -37,16 +37,21 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, count: int | None, generato
     else:
         kernel, stride, dilation = _pair(conv.kernel_size, 2), _pair(conv.stride, 2), _pair(conv.dilation, 2)
         pad = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding, 2)
-    if conv.padding_mode != "zeros" or isinstance(pad, str):
+    zero_pad = conv.padding_mode == "zeros" and not isinstance(pad, str)
+    depthwise = conv.groups > 1 and conv.groups == x.shape[1]
+    rows_gather = zero_pad and x.shape[1] > 1 and (x.is_contiguous(memory_format=torch.channels_last) or depthwise)
+    if not zero_pad:
         rp = list(conv._reversed_padding_repeated_twice)
         rp = rp + [0, 0] if len(rp) == 2 else rp  # conv1d: no padding of the height-1 axis
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, rp, mode=mode) if any(rp) else x
-    else:
+        pad = (0, 0)
+    elif not rows_gather:
         x = F.pad(x, (pad[1], pad[1], pad[0], pad[0])) if any(pad) else x
+        pad = (0, 0)
     b, c, h, w = x.shape
-    out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out_h = (h + 2 * pad[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * pad[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     total = b * out_h * out_w
     if count is None or count >= total:
         pos = torch.arange(total, device=x.device)
@@ -54,6 +59,12 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, count: int | None, generato
         pos = torch.randperm(total, generator=generator)[:count].to(x.device)
     bi, rem = pos // (out_h * out_w), pos % (out_h * out_w)
     oy, ox = rem // out_w, rem % out_w
+    if rows_gather and not x.is_contiguous(memory_format=torch.channels_last):  # a depthwise conv's NCHW input
+        if b * h * w > 4 * pos.numel() * kernel[0] * kernel[1]:  # a few positions of a large input: no copy of it
+            return _gather_depthwise(x, kernel, stride, dilation, pad, bi, oy, ox)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if rows_gather:
+        return _gather_rows(x, kernel, stride, dilation, pad, conv.groups, bi, oy, ox)
     # windows as a view [b, c, out_h, out_w, kh, kw] (dilated: every dilation-th of a wider window), then
     # one gather of the n chosen ones
     span = (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
@@ -69,6 +80,53 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, count: int | None, generato
     if per == 1:  # depthwise
         return patches[:, 0]
     return patches.transpose(1, 2).reshape(groups, pos.numel(), -1)  # [g, n, C_in/g * kh * kw]
+
+
+def _taps(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+          pad: tuple[int, ...], oy: torch.Tensor, ox: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input rows iy [kh, n, 1] and columns ix [1, n, kw] read by each kernel tap at output positions (oy, ox)
+    of the unpadded input, clamped inside it, and whether each tap falls inside ([kh, n, kw])."""
+    h, w = x.shape[2], x.shape[3]
+    iy = (oy * stride[0] - pad[0])[None, :, None] + (torch.arange(kernel[0], device=x.device) * dilation[0])[:, None, None]
+    ix = (ox * stride[1] - pad[1])[None, :, None] + (torch.arange(kernel[1], device=x.device) * dilation[1])[None, None, :]
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    return iy.clamp(0, h - 1), ix.clamp(0, w - 1), inside
+
+
+def _gather_depthwise(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                      pad: tuple[int, ...], bi: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+    """`sample_patches` of a depthwise conv's unpadded NCHW input (zero padding), [c, n, kh * kw]: one gather
+    of the chosen taps of every channel from the flat input, without copying or padding the whole of it."""
+    b, c, h, w = x.shape
+    iy, ix, inside = _taps(x, kernel, stride, dilation, pad, oy, ox)
+    offset = (bi[None, :, None] * (c * h * w) + iy * w + ix).permute(1, 0, 2).reshape(-1)  # [n * kk], position-major
+    index = offset[None, :] + (torch.arange(c, device=x.device) * (h * w))[:, None]  # [c, n * kk]
+    out = x.reshape(-1).index_select(0, index.reshape(-1)).view(c, -1)
+    keep = inside.permute(1, 0, 2).reshape(-1)
+    if not bool(keep.all()):
+        out.masked_fill_(~keep[None, :], 0.0)
+    return out.view(c, bi.numel(), kernel[0] * kernel[1])
+
+
+def _gather_rows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                 pad: tuple[int, ...], groups: int, bi: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+    """`sample_patches` of an unpadded channels-last input (zero padding): the same values in the same layout,
+    gathered as whole rows of channels per kernel tap ([b*h*w, c] is a view), with taps that fall in the
+    padding set to 0. Several times faster than indexing the window view of a padded copy (depthwise convs
+    above all: padding a large activation alone cost more than the gather)."""
+    b, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    iy, ix, inside = _taps(x, kernel, stride, dilation, pad, oy, ox)
+    inside = inside.permute(0, 2, 1).reshape(-1)  # [kh * kw * n]: tap-major
+    index = (bi[None, :, None] * (h * w) + iy * w + ix).permute(0, 2, 1).reshape(-1)
+    rows = flat.index_select(0, index)  # [kh * kw * n, c]: tap-major
+    if not bool(inside.all()):
+        rows.masked_fill_(~inside[:, None], 0.0)
+    n, kk = bi.numel(), kernel[0] * kernel[1]
+    by_position = rows.view(n, c) if kk == 1 else rows.view(kk, n, c).permute(1, 2, 0).contiguous()  # [n, c, kk]
+    if groups == 1:
+        return by_position.reshape(1, n, c * kk)
+    return by_position.reshape(n, groups, (c // groups) * kk).transpose(0, 1).contiguous()  # [g, n, C_in/g * kk]
 
 
 def _rows(x: torch.Tensor, count: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from compress.format.restorers import FOLD_CONVS, FOLD_NORMS
 from compress.models.protocol import eval_forward_with_hooks, flat_tensors, map_tensors, raw_outputs
 
-__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "remove_batchnorms"]
+__all__ = ["find_conv_bn_pairs", "fold_batchnorm", "remove_batchnorms", "fuse_plain_biases", "unfuse_plain_biases"]
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -176,6 +176,47 @@ def is_plain_bias(bn: nn.Module) -> bool:
     """A BN that `fold_batchnorm` left as a per-channel bias: mean 0, weight 1 and var + eps == 1 in its dtype."""
     one = (bn.running_var + bn.eps).eq(1.0).all()
     return bool(one and bn.running_mean.eq(0).all() and bn.weight.eq(1).all())
+
+
+_SAVED_BIAS = "_compress_saved_bias"
+
+
+def _pass_through(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def fuse_plain_biases(model: nn.Module, pairs: list[tuple[str, str]]) -> int:
+    """For the sensitivity passes: each folded BN of `pairs` that is still a plain bias (in eval mode, after a
+    conv with no bias or a zero one) passes its input through, and its conv adds the bias instead (a plain
+    tensor, not a parameter, so nothing counted or stored changes): one pass over each activation less. The
+    outputs are the same on channels-last CPU convs (oneDNN adds the bias after summing, as x + beta does; the
+    layout of the sensitivity scope) and equal up to rounding otherwise (NCHW kernels may start the sum from
+    the bias), which the ranking of layers by sensitivity does not feel (compress.models.memory_format). Undone
+    by `unfuse_plain_biases` (also on a deepcopy made meanwhile). Returns the pairs fused."""
+    modules = dict(model.named_modules())
+    fused = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if conv is None or bn is None or bn.training or "bias" not in conv._parameters or _SAVED_BIAS in conv.__dict__:
+            continue
+        own = conv._parameters["bias"]
+        if not is_plain_bias(bn) or (own is not None and bool(own.ne(0).any())):
+            continue
+        conv.__dict__[_SAVED_BIAS] = conv._parameters.pop("bias")
+        conv.__dict__["bias"] = bn.bias.detach()
+        bn.__dict__["forward"] = _pass_through
+        fused += 1
+    return fused
+
+
+def unfuse_plain_biases(model: nn.Module) -> None:
+    """Undo `fuse_plain_biases`: the convs get their own bias back and the BNs their forward."""
+    for module in model.modules():
+        if _SAVED_BIAS in module.__dict__:
+            del module.__dict__["bias"]
+            module._parameters["bias"] = module.__dict__.pop(_SAVED_BIAS)
+        if module.__dict__.get("forward") is _pass_through:
+            del module.__dict__["forward"]
 
 
 @torch.no_grad()

@@ -46,7 +46,9 @@ class Replay:
     returned before the first call of every layer changed since (see `invalidate`) gives the same output
     again, so its recorded output (per batch) is returned instead of running it; only the code around the
     modules runs. Passes record the outermost modules that return before their `cutoff` (the first layer
-    they need), cloned, within `budget_bytes` (entries that save the most time per byte are kept).
+    they need), cloned, within `budget_bytes` (entries that save the most time per byte are kept). A replay
+    hands the record itself over, not a copy; one that the forward then changes in place is dropped, and that
+    module is handed copies from then on.
 
     Modules that alias or modify their inputs in place, are called twice, or return other objects than
     tensors (in tuples, lists, dicts) are never replayed; the first pass that replays anything is checked
@@ -59,6 +61,7 @@ class Replay:
         self.sizes: dict[tuple[str, int], int] = {}
         self.used = 0
         self.blocked: set[str] = set()
+        self.cloned: set[str] = set()  # modules whose replayed output the forward changes in place: handed a copy
         self.enabled = budget_bytes > 0
         self.verified = False
         self.start: dict[str, int] = {}
@@ -158,6 +161,7 @@ class Replay:
         record = self._outermost(cutoff) - set(replayed)
         calls: dict[str, int] = {}
         handles, patched, recorded = [], [], []
+        handed: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
         def count(name: str) -> int:
             calls[name] = calls.get(name, 0) + 1
@@ -169,7 +173,10 @@ class Replay:
             def forward(*_a: Any, name: str = name, **_k: Any) -> Any:
                 if count(name) > 1:
                     raise _Mismatch(name)
-                return _nested(saved[name], torch.Tensor.clone)
+                if name in self.cloned:
+                    return _nested(saved[name], torch.Tensor.clone)
+                handed[name] = [(t, t._version) for t in _tensors(saved[name])]
+                return saved[name]  # no copy: a change in place after this is caught when the pass ends
 
             patched.append((module, module.__dict__.get("forward")))
             module.forward = forward
@@ -211,6 +218,10 @@ class Replay:
                     del module.forward
                 else:
                     module.forward = before
+            for name, tensors in handed.items():
+                if any(t._version != v for t, v in tensors):  # changed in place downstream: its record is spoilt
+                    self.cloned.add(name)
+                    self._drop(name, index)
             for name in recorded:  # an ancestor's output now stands for its descendants'
                 for inner in [m for m in self.entries if m.startswith(name + ".")]:
                     self._drop(inner, index)

@@ -28,6 +28,38 @@ def test_patches_match_unfold_for_every_conv_shape() -> None:
     assert patches.shape == (1, 5, 12)
 
 
+def _unfolded(conv: nn.Conv2d, x: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """Reference patches [g, n, C/g * kh * kw]: F.unfold of the padded input at the positions sample_patches
+    draws (randperm of every output position with the generator seeded `seed`)."""
+    mode = "reflect" if conv.padding_mode == "reflect" else "constant"
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    full = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # [B, C*k, L]
+    full = full.transpose(1, 2).reshape(-1, conv.groups, full.shape[1] // conv.groups).transpose(0, 1)
+    total = full.shape[1]
+    if count is None or count >= total:
+        return full.contiguous()
+    return full[:, torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]]
+
+
+def test_every_gather_gives_the_unfolded_patches_exactly() -> None:
+    """Channels-last and NCHW inputs, depthwise and dense, few positions of a large input and all of a small
+    one go through different gathers; each must equal the unfolded patches bit for bit (statistics, and so
+    artifacts, stay the same whatever memory format a model runs in)."""
+    for shape in ((3, 6, 9, 11), (2, 6, 30, 30)):
+        x = torch.randn(*shape)
+        for conv in (nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 6, 3, stride=2, padding=2, dilation=2, groups=6),
+                     nn.Conv2d(6, 4, (3, 1), padding=(1, 0), groups=2), nn.Conv2d(6, 4, 1),
+                     nn.Conv2d(6, 4, (2, 3), stride=(2, 1), padding=(0, 2)), nn.Conv2d(6, 6, 5, padding=2, groups=6),
+                     nn.Conv2d(6, 12, 3, padding=1, groups=6), nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")):
+            for count in (None, 7, 40):
+                want = _unfolded(conv, x, count, 3)
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    got = sample_patches(conv, x.contiguous(memory_format=layout), count,
+                                         torch.Generator().manual_seed(3))
+                    assert got.shape == want.shape and got.is_contiguous(), (conv, count, layout)
+                    assert torch.equal(got, want), (conv, count, layout)
+
+
 def test_cached_float_inputs_give_the_same_statistics() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
@@ -144,3 +176,27 @@ def test_replay_within_a_tiny_budget_stays_exact() -> None:
             for name in direct:
                 assert torch.equal(direct[name].H, replayed[name].H), (budget, name)
         assert replay.used <= budget
+
+
+class _Halve(nn.Module):
+    """Halves its input in place and returns it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(0.5)
+
+
+def test_replayed_output_changed_in_place_downstream_is_not_spoilt() -> None:
+    """Replayed outputs are handed over without a copy; a module after them that changes them in place must
+    not leak into the next pass (the record is dropped, and that module is handed copies from then on)."""
+    from compress.quant.replay import Replay
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Block(4), _Halve(), nn.Conv2d(4, 4, 1)).eval()
+    batch = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(batch)
+        replay = Replay(model, batch, 1 << 20)
+        cutoff = replay.cutoff(["3"])
+        outs = [replay.run(0, cutoff, lambda: model(batch)) for _ in range(4)]
+    assert all(torch.equal(o, want) for o in outs)
+    assert "1" in replay.cloned and replay.entries, "block 1 is replayed, as a copy once its output was changed"

@@ -57,6 +57,40 @@ def test_folding_keeps_the_function_and_the_structure() -> None:
     assert torch.all(folded.stem[0].bias == 0), "the conv bias moved into the BN"
 
 
+def test_fused_biases_give_the_same_outputs_and_are_undone() -> None:
+    """During the sensitivity passes a folded BN's bias is added by its conv (the BN passes through): the same
+    outputs (bit for bit in the channels-last layout of those passes), and afterwards the same parameters,
+    state dict and forwards as before, also on a copy made meanwhile."""
+    from compress.quant.fold import fuse_plain_biases, unfuse_plain_biases
+
+    net = _net()
+    x = torch.rand(4, 3, 12, 12)
+    pairs = fold_batchnorm(net, x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        want = net(x)
+        assert fuse_plain_biases(net, pairs) == 2
+        assert torch.allclose(net(x), want, rtol=1e-5, atol=1e-6)
+        cl, net_cl = x.contiguous(memory_format=torch.channels_last), copy.deepcopy(net)
+        for m in net_cl.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        unfuse_plain_biases(net_cl)
+        want_cl = net_cl(cl)
+        fuse_plain_biases(net_cl, pairs)
+        assert torch.equal(net_cl(cl), want_cl), "channels-last: the conv adds the bias exactly as the BN did"
+        assert {n for n, _ in net.named_parameters()} <= set(before), "no parameter added"
+        copied = copy.deepcopy(net)
+        for model in (net, copied):
+            unfuse_plain_biases(model)
+            assert torch.equal(model(x), want)
+            assert model.state_dict().keys() == before.keys()
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+            assert "forward" not in model.stem[1].__dict__ and isinstance(model.stem[0].bias, nn.Parameter)
+    net.stem[1].running_mean.add_(0.1)  # no longer a plain bias: left alone
+    assert fuse_plain_biases(net, pairs) == 1
+
+
 def test_fold_bn_option_quantizes_the_folded_weights() -> None:
     net = _net()
     x = [torch.rand(4, 3, 12, 12) for _ in range(2)]

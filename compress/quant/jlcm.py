@@ -31,7 +31,7 @@ from pydantic import Field
 
 from compress.quant.baselines import column_weights, encode_8bit
 from compress.format.weights import encode_codebook, matrix_shape
-from compress.quant.kmeans import kmeans_1d
+from compress.quant.kmeans import kmeans_1d_widths, kmeans_1d
 from compress.quant.registry import Encoded, QuantConfig, register_method
 from compress.quant.stats import LayerStats
 
@@ -491,14 +491,17 @@ def _exact_loss(learner: _JointLearner, wq: torch.Tensor) -> float:
     return float((quad - 2 * (wq * learner.target).sum() + learner.energy) / learner.energy)
 
 
-@register_method("jlcm", JLCMConfig)
-def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, config: JLCMConfig) -> Encoded:
-    """Group rows, k-means init per group, then joint learning on the layer's input statistics."""
-    if bits >= 8:
-        return encode_8bit(weight)
+def quantize_jlcm_widths(weight: torch.Tensor, widths: list[int], config: JLCMConfig,
+                         stats: LayerStats | None = None) -> dict[int, Encoded]:
+    """`quantize_jlcm` of one weight at several widths ({bits: encoded}, each exactly what `quantize_jlcm`
+    gives): the rows are grouped, and each group's values sorted and summarised for k-means, once for all
+    widths (the sensitivity measurement quantizes every layer at every width)."""
+    out = {bits: encode_8bit(weight) for bits in widths if bits >= 8}
+    low = sorted({bits for bits in widths if bits < 8})
+    if not low:
+        return out
     rows, cols = matrix_shape(weight.shape)
     w = weight.detach().float().reshape(rows, cols)
-    k = 1 << bits
     groups = min(config.groups, rows)
     row_group, order = group_rows(row_statistic(w, config.statistic), groups)
     col_w = column_weights(stats, rows) if config.init_weighting == "hessian" else None
@@ -507,14 +510,30 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
     unit = torch.stack([w[m].std(unbiased=False) if n * cols > 1 else w[m].abs().mean() for m, n in zip(members, sizes)])
     unit = unit.clamp_min(float(w.abs().max()) * 1e-6 + 1e-12)
     shared = config.variant == "shared-codebook-scale"
+    ks = [1 << bits for bits in low]
     if shared:
         normalised = w / unit[row_group][:, None]
-        tables = kmeans_1d(normalised, k, col_w, max_points=config.init_points)[None]  # [1, K] in group std units
-        row_tables = tables[0][None, :] * unit[row_group][:, None]
+        shared_tables = kmeans_1d_widths(normalised, ks, col_w, max_points=config.init_points)
     else:
-        tables = torch.stack([kmeans_1d(w[m], k, None if col_w is None else col_w[m], max_points=config.init_points)
-                              for m in members])
-        row_tables = tables[row_group]
+        group_tables = [kmeans_1d_widths(w[m], ks, None if col_w is None else col_w[m], max_points=config.init_points)
+                        for m in members]
+    for bits, k in zip(low, ks):
+        if shared:
+            tables = shared_tables[k][None]  # [1, K] in group std units
+            row_tables = tables[0][None, :] * unit[row_group][:, None]
+        else:
+            tables = torch.stack([by_k[k] for by_k in group_tables])
+            row_tables = tables[row_group]
+        out[bits] = _learn_and_encode(weight, w, stats, bits, config, tables, row_tables, row_group, order, unit,
+                                      groups, shared)
+    return out
+
+
+def _learn_and_encode(weight: torch.Tensor, w: torch.Tensor, stats: LayerStats | None, bits: int, config: JLCMConfig,
+                      tables: torch.Tensor, row_tables: torch.Tensor, row_group: torch.Tensor, order: torch.Tensor,
+                      unit: torch.Tensor, groups: int, shared: bool) -> Encoded:
+    """From the k-means init: nearest mapping, joint learning on `stats` (if any), then the stored layout."""
+    rows = w.shape[0]
     idx = nearest_rows(w, row_tables)
     scales = unit if shared else None
     if stats is not None and config.calib_steps > 0:
@@ -530,3 +549,9 @@ def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, con
         row_group = torch.arange(rows, device=w.device)
     return encode_codebook(weight.shape, bits, idx, row_group, groups, tables if not shared else tables[0],
                            kind="shared" if shared else "per-group", scale=scales, row_map=row_map, order=order)
+
+
+@register_method("jlcm", JLCMConfig, widths=quantize_jlcm_widths)
+def quantize_jlcm(weight: torch.Tensor, stats: LayerStats | None, bits: int, config: JLCMConfig) -> Encoded:
+    """Group rows, k-means init per group, then joint learning on the layer's input statistics."""
+    return quantize_jlcm_widths(weight, [bits], config, stats)[bits]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kmeans_1d", "assign_nearest", "kmeans_sse"]
+__all__ = ["kmeans_1d", "kmeans_1d_widths", "assign_nearest", "kmeans_sse"]
 
 
 def assign_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -38,34 +38,49 @@ def _summarise(x: torch.Tensor, w: torch.Tensor, max_points: int) -> tuple[torch
 
 def _dp_segments(p: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     """Optimal split of the sorted weighted points p [M] into k contiguous segments; returns k start indices."""
-    m = p.numel()
-    zero = torch.zeros(1, dtype=p.dtype, device=p.device)
-    s0 = torch.cat([zero, torch.cumsum(w, 0)])
-    s1 = torch.cat([zero, torch.cumsum(w * p, 0)])
-    s2 = torch.cat([zero, torch.cumsum(w * p * p, 0)])
-    i = torch.arange(m, device=p.device)
-    # cost[i, j]: weighted SSE of segment p[i..j] around its mean (inf where i > j)
-    sw = s0[1:][None, :] - s0[:-1][:, None]
-    sx = s1[1:][None, :] - s1[:-1][:, None]
-    sxx = s2[1:][None, :] - s2[:-1][:, None]
-    cost = (sxx - sx * sx / sw.clamp_min(1e-300)).clamp_min(0)
-    cost = cost.masked_fill(i[:, None] > i[None, :], float("inf"))
-    best = cost[0].clone()  # D_1[j]: one segment p[0..j]
-    starts = []
-    inf = torch.full((1,), float("inf"), dtype=p.dtype, device=p.device)
-    for _ in range(1, k):
-        prev = torch.cat([inf, best[:-1]])  # prev[i] = D_{m-1}[i - 1]: segments before start i
-        total = prev[:, None] + cost
-        best, arg = total.min(dim=0)
-        starts.append(arg)
-    bounds, j = [], m - 1
-    back = torch.stack(starts).tolist() if starts else []  # one read back to the host, not one per segment
-    for arg in reversed(back):
-        s = int(arg[j])
-        bounds.append(s)
-        j = s - 1
-    bounds.append(0)
-    return torch.tensor(bounds[::-1], device=p.device)
+    return _DPTable(p, w).segments(k)
+
+
+class _DPTable:
+    """The dynamic programme of `_dp_segments`, kept so that any number of segments reads it: the layer for m
+    segments does not depend on how many are asked for in the end, so one table up to the largest k serves
+    every smaller k (the same arithmetic, the same splits)."""
+
+    def __init__(self, p: torch.Tensor, w: torch.Tensor) -> None:
+        m = p.numel()
+        zero = torch.zeros(1, dtype=p.dtype, device=p.device)
+        s0 = torch.cat([zero, torch.cumsum(w, 0)])
+        s1 = torch.cat([zero, torch.cumsum(w * p, 0)])
+        s2 = torch.cat([zero, torch.cumsum(w * p * p, 0)])
+        i = torch.arange(m, device=p.device)
+        # cost[i, j]: weighted SSE of segment p[i..j] around its mean (inf where i > j)
+        sw = s0[1:][None, :] - s0[:-1][:, None]
+        sx = s1[1:][None, :] - s1[:-1][:, None]
+        sxx = s2[1:][None, :] - s2[:-1][:, None]
+        cost = (sxx - sx * sx / sw.clamp_min(1e-300)).clamp_min(0)
+        self.cost = cost.masked_fill(i[:, None] > i[None, :], float("inf"))
+        self.best = self.cost[0].clone()  # D_1[j]: one segment p[0..j]
+        self.inf = torch.full((1,), float("inf"), dtype=p.dtype, device=p.device)
+        self.starts: list[torch.Tensor] = []
+        self.back: list[list[int]] = []
+        self.m, self.device = m, p.device
+
+    def segments(self, k: int) -> torch.Tensor:
+        """The k start indices of the optimal split into k segments."""
+        while len(self.starts) < k - 1:
+            prev = torch.cat([self.inf, self.best[:-1]])  # prev[i] = D_{m-1}[i - 1]: segments before start i
+            total = prev[:, None] + self.cost
+            self.best, arg = total.min(dim=0)
+            self.starts.append(arg)
+        if len(self.back) < k - 1:  # one read back to the host, not one per segment
+            self.back += torch.stack(self.starts[len(self.back):]).tolist()
+        bounds, j = [], self.m - 1
+        for arg in reversed(self.back[:k - 1]):
+            s = int(arg[j])
+            bounds.append(s)
+            j = s - 1
+        bounds.append(0)
+        return torch.tensor(bounds[::-1], device=self.device)
 
 
 def _fill(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,6 +108,13 @@ def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, max_
     optimum of an equal-count summary refined by `lloyd_steps` weighted Lloyd steps. Fewer than k distinct
     values give k distinct centroids anyway (gaps are split), so a sorted codebook never repeats an entry.
     """
+    return kmeans_1d_widths(x, [k], weights, max_points, lloyd_steps)[k]
+
+
+def kmeans_1d_widths(x: torch.Tensor, ks: list[int], weights: torch.Tensor | None = None, max_points: int = 256,
+                     lloyd_steps: int = 8) -> dict[int, torch.Tensor]:
+    """`kmeans_1d` of the same values for several k at once ({k: centroids}, each exactly what `kmeans_1d`
+    gives): the values are sorted and summarised once, and one dynamic programme serves every k."""
     device = x.device
     x = x.detach().reshape(-1).float()
     w = torch.ones_like(x) if weights is None else weights.detach().reshape(-1).float()
@@ -101,29 +123,38 @@ def kmeans_1d(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, max_
     w = w.clamp_min(0) + 1e-12 * float(w.abs().mean().clamp_min(1e-30))
     x, order = torch.sort(x)
     w = w[order]
-    if 1 + int((x[1:] != x[:-1]).sum()) <= k:
-        return _fill(x.double(), k).float().to(device)
+    distinct = 1 + int((x[1:] != x[:-1]).sum())
+    out: dict[int, torch.Tensor] = {}
+    table, prefix = None, None
     xd, wd = x.double(), w.double()
-    p, pw = _summarise(xd, wd, max_points)
-    starts = _dp_segments(p, pw, k)
-    seg = torch.bucketize(torch.arange(p.numel(), device=p.device), starts, right=True) - 1
-    zeros = torch.zeros(k, dtype=torch.float64, device=x.device)
-    cent = zeros.clone().index_add_(0, seg, pw * p) / zeros.clone().index_add_(0, seg, pw)
-    if p.numel() < x.numel():
-        # Lloyd on the sorted values: clusters are runs cut at the midpoints, sums come from prefix sums
-        zero = torch.zeros(1, dtype=torch.float64, device=x.device)
-        s0 = torch.cat([zero, torch.cumsum(wd, 0)])
-        s1 = torch.cat([zero, torch.cumsum(wd * xd, 0)])
-        last = torch.tensor([x.numel()], device=x.device)
-        for _ in range(lloyd_steps):
-            cuts = torch.searchsorted(xd, (cent[1:] + cent[:-1]) / 2)
-            bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), cuts, last])
-            ws = s0[bounds[1:]] - s0[bounds[:-1]]
-            new = torch.where(ws > 0, (s1[bounds[1:]] - s1[bounds[:-1]]) / ws.clamp_min(1e-300), cent)
-            new = torch.sort(new).values
-            if torch.equal(new, cent):
-                break
-            cent = new
-    if torch.unique(cent).numel() < k:
-        cent = _fill(cent, k)
-    return cent.float().to(device)
+    for k in sorted(set(ks)):
+        if distinct <= k:
+            out[k] = _fill(xd, k).float().to(device)
+            continue
+        if table is None:
+            p, pw = _summarise(xd, wd, max_points)
+            table = _DPTable(p, pw)
+        starts = table.segments(k)
+        seg = torch.bucketize(torch.arange(p.numel(), device=p.device), starts, right=True) - 1
+        zeros = torch.zeros(k, dtype=torch.float64, device=x.device)
+        cent = zeros.clone().index_add_(0, seg, pw * p) / zeros.clone().index_add_(0, seg, pw)
+        if p.numel() < x.numel():
+            # Lloyd on the sorted values: clusters are runs cut at the midpoints, sums come from prefix sums
+            if prefix is None:
+                zero = torch.zeros(1, dtype=torch.float64, device=x.device)
+                prefix = (torch.cat([zero, torch.cumsum(wd, 0)]), torch.cat([zero, torch.cumsum(wd * xd, 0)]))
+            s0, s1 = prefix
+            last = torch.tensor([x.numel()], device=x.device)
+            for _ in range(lloyd_steps):
+                cuts = torch.searchsorted(xd, (cent[1:] + cent[:-1]) / 2)
+                bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), cuts, last])
+                ws = s0[bounds[1:]] - s0[bounds[:-1]]
+                new = torch.where(ws > 0, (s1[bounds[1:]] - s1[bounds[:-1]]) / ws.clamp_min(1e-300), cent)
+                new = torch.sort(new).values
+                if torch.equal(new, cent):
+                    break
+                cent = new
+        if torch.unique(cent).numel() < k:
+            cent = _fill(cent, k)
+        out[k] = cent.float().to(device)
+    return out

@@ -98,11 +98,12 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
         out[site.name] = {}
         cutoff = replay.cutoff([call_name(site)]) if replay is not None else 0.0
         weight_error: dict[int, float] = {}
+        encoded = method.widths(original, [b for b in choices if b <= 8], quick) if method.widths is not None else {}
         for bits in choices:
             if bits > 8:  # kept float (the float choice): exact, 32 bits a weight
                 out[site.name][bits] = {"error": 0.0, "bits": float(bits * original.numel())}
                 continue
-            layout, buffers = method.fn(original, None, bits, quick)
+            layout, buffers = encoded[bits] if bits in encoded else method.fn(original, None, bits, quick)
             if bits >= 8 and max(choices) <= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
                 out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
                 continue

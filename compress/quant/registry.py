@@ -98,15 +98,20 @@ class QuantMethod:
     name: str
     config_cls: type[QuantConfig]
     fn: QuantFn
+    # data-free encodings of one weight at several widths at once, {bits: encoded}, each what fn(weight, None,
+    # bits, config) gives (optional: the sensitivity measurement calls fn per width without it)
+    widths: Callable[[torch.Tensor, list[int], QuantConfig], dict[int, Encoded]] | None = None
 
 
 METHODS: Registry[QuantMethod] = Registry("quantization method", error=UserError)
 
 
-def register_method(name: str, config_cls: type[QuantConfig]) -> Callable[[QuantFn], QuantFn]:
-    """Register `fn(weight, stats, bits, config) -> (layout, tensors)` as the method `name`; a duplicate raises."""
+def register_method(name: str, config_cls: type[QuantConfig], widths: Callable[..., dict[int, Encoded]] | None = None
+                    ) -> Callable[[QuantFn], QuantFn]:
+    """Register `fn(weight, stats, bits, config) -> (layout, tensors)` as the method `name`; a duplicate raises.
+    `widths(weight, bits_list, config)`: optional, the data-free encodings at several widths in one call."""
 
-    return METHODS.register(name, lambda fn: QuantMethod(name, config_cls, fn))
+    return METHODS.register(name, lambda fn: QuantMethod(name, config_cls, fn, widths))
 
 
 def get_method(name: str) -> QuantMethod:

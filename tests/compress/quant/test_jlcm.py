@@ -130,3 +130,19 @@ def test_learning_stops_early_once_converged() -> None:
                                 JLCMConfig(bits=2, calib_steps=300, converge_steps=20, converge_tol=1e-3), history=short)
     assert len(full) == 300 and 20 < len(short) < 300, len(short)
     assert loss_short <= full[0] and loss_short < 1.1 * loss_full
+
+
+@pytest.mark.parametrize("options", [{}, {"variant": "shared-codebook-scale"}, {"groups": 64}, {"init_points": 16}])
+def test_widths_at_once_encode_what_each_width_encodes(options: dict) -> None:
+    from compress.quant.jlcm import quantize_jlcm_widths
+
+    w, stats = _layer(rows=64, cols=40, samples=256)
+    config = JLCMConfig(**options).quick()
+    many = quantize_jlcm_widths(w, [1, 3, 2, 8, 6], config)
+    assert sorted(many) == [1, 2, 3, 6, 8]
+    for bits, (layout, buffers) in many.items():
+        one_layout, one_buffers = quantize_jlcm(w, None, bits, config)
+        assert layout == one_layout and buffers.keys() == one_buffers.keys()
+        assert all(torch.equal(buffers[k], one_buffers[k]) for k in buffers), (bits, options)
+    learned = quantize_jlcm_widths(w, [2], JLCMConfig(calib_steps=5, **options), stats)[2]
+    assert torch.equal(decode(*learned), decode(*quantize_jlcm(w, stats, 2, JLCMConfig(calib_steps=5, **options))))

@@ -2,7 +2,7 @@ import itertools
 
 import torch
 
-from compress.quant.kmeans import assign_nearest, kmeans_1d, kmeans_sse
+from compress.quant.kmeans import assign_nearest, kmeans_1d, kmeans_1d_widths, kmeans_sse
 
 
 def _brute_force_sse(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
@@ -51,3 +51,17 @@ def test_large_input_is_close_to_optimal_and_few_values_fill_the_codebook() -> N
     assert few.numel() == 4 and torch.all(few[1:] > few[:-1]), few
     expected = torch.tensor([int((few == 1).nonzero()), int((few == 2).nonzero())])
     assert torch.equal(assign_nearest(torch.tensor([1.0, 2.0]), few), expected)
+
+
+def test_several_widths_at_once_give_what_each_width_gives() -> None:
+    """One sort, summary and dynamic programme for every k: the centroids of each k must be those of a call for
+    that k alone, bit for bit (the sensitivity measurement relies on it)."""
+    gen = torch.Generator().manual_seed(0)
+    for n, max_points in ((7, 256), (300, 64), (2000, 256)):
+        x = torch.randn(n, generator=gen) ** 3
+        w = torch.rand(n, generator=gen)
+        for weights in (None, w):
+            many = kmeans_1d_widths(x, [8, 2, 32, 4], weights, max_points=max_points)
+            assert sorted(many) == [2, 4, 8, 32]
+            for k, centroids in many.items():
+                assert torch.equal(centroids, kmeans_1d(x, k, weights, max_points=max_points)), (n, k)

@@ -7,7 +7,7 @@
     DIR/report.html, frontier.png  the report (compress.evaluate.frontier)
 
 A point's cache entry holds the hash of everything that decides its result (the checkpoint's bytes, the
-shrink settings, the evaluation split); a rerun on the same DIR reuses every entry whose hash matches, so a
+shrink settings, the evaluation split, the version of compress); a rerun on the same DIR reuses every entry whose hash matches, so a
 killed sweep resumes at the point it was in and a changed setting redoes only what it changes.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compress._version import __version__
 from compress.errors import UserError
 from compress.sweep.config import SweepConfig
 
@@ -107,7 +108,7 @@ def _original(config: SweepConfig, evaluator: Evaluator, fingerprint: str | None
 
     key = _key({"checkpoint": fingerprint, "model": config.model, "num_classes": config.num_classes,
                 "task": config.task, "data": config.data, "calib": config.calib, "image_size": config.image_size,
-                "mean": config.mean, "std": config.std})
+                "mean": config.mean, "std": config.std, "compress": __version__})
     path = out_dir / "original.json"
     cached = _read_json(path)
     if cached and cached.get("key") == key:
@@ -199,7 +200,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, quiet: bool = False,
         settings_used = shrink_config.model_dump(mode="json")
         if not prune:  # recovery runs only after pruning
             settings_used = {k: v for k, v in settings_used.items() if k not in ("recover", "recover_steps")}
-        key = _key({"checkpoint": fingerprint, "shrink": settings_used, "data": config.data, "version": SWEEP_VERSION})
+        key = _key({"checkpoint": fingerprint, "shrink": settings_used, "data": config.data, "version": SWEEP_VERSION,
+                    "compress": __version__})
         entry_path, artifact = out_dir / "points" / f"{name}.json", out_dir / "points" / f"{name}.safetensors"
         cached = _read_json(entry_path)
         if cached and cached.get("key") == key and artifact.is_file() and artifact.stat().st_size == cached["file_bytes"]:

@@ -126,6 +126,14 @@ def test_sweep_writes_points_report_and_resumes(tmp_path: Path, one_thread: None
     run_sweep(SweepConfig.from_options(**{**BASE, "recover_steps": 1}, bits=(4,), prune=(0, 0.3), methods=("rtn",)), out)
     assert calls == [("rtn", 4, 0.3)], "recover steps only change pruned points"
 
+    # another version of compress redoes every point (its code decides the results)
+    import compress.sweep.run as sweep_run
+
+    calls.clear()
+    monkeypatch.setattr(sweep_run, "__version__", "0.0.0-other")
+    run_sweep(SweepConfig.from_options(**{**BASE, "recover_steps": 1}, bits=(4,), prune=(0, 0.3), methods=("rtn",)), out)
+    assert calls == [("rtn", 4, 0), ("rtn", 4, 0.3)]
+
 
 def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Path) -> None:
     """The real thing: `compress sweep` killed with SIGKILL after its first points, then run again."""

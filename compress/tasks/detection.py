@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torchmetrics.detection import MeanAveragePrecision
 
 from compress.tasks.base import Task, unwrap
 
@@ -56,6 +55,8 @@ class DetectionTask(Task):
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         was_training = model.training
         model.eval()
+        from torchmetrics.detection import MeanAveragePrecision  # here: importing torchmetrics costs ~2 s a command
+
         metric = MeanAveragePrecision(iou_type="bbox")
         device = next(model.parameters()).device
         for images, targets in batches:

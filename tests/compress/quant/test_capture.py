@@ -58,6 +58,13 @@ def test_every_gather_gives_the_unfolded_patches_exactly() -> None:
                                          torch.Generator().manual_seed(3))
                     assert got.shape == want.shape and got.is_contiguous(), (conv, count, layout)
                     assert torch.equal(got, want), (conv, count, layout)
+    x1 = torch.randn(2, 6, 40)  # Conv1d: the patches of the same conv as a 2-D conv of height 1
+    for conv1, conv2 in ((nn.Conv1d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, (1, 3), padding=(0, 1), groups=6)),
+                         (nn.Conv1d(6, 4, 5, stride=2, padding=2, groups=2),
+                          nn.Conv2d(6, 4, (1, 5), stride=(1, 2), padding=(0, 2), groups=2))):
+        for count in (None, 7):
+            got = sample_patches(conv1, x1, count, torch.Generator().manual_seed(3))
+            assert torch.equal(got, _unfolded(conv2, x1.unsqueeze(2), count, 3)), (conv1, count)
 
 
 def test_cached_float_inputs_give_the_same_statistics() -> None:

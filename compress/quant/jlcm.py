@@ -74,6 +74,9 @@ class JLCMConfig(QuantConfig):
                                 "less than converge_tol (relative) over this many steps (0: always calib_steps)")
     converge_tol: float = Field(1e-3, ge=0, description="relative improvement that counts as not converged yet")
     refit: bool = Field(True, description="refit per-group codebooks in closed form for the final mapping")
+    scale_underdetermined_steps: bool = Field(False, description="a layer with fewer calibration rows than inputs "
+                                              "learns for calib_steps x rows / inputs steps (its fit cannot pin "
+                                              "the weights down: longer learning fits the calibration noise)")
     damp: float = Field(0.01, ge=0, description="ridge toward the float weights: lambda = damp * mean diag of the "
                         "input second moment (guards against few calibration samples)")
 
@@ -536,6 +539,8 @@ def _learn_and_encode(weight: torch.Tensor, w: torch.Tensor, stats: LayerStats |
     rows = w.shape[0]
     idx = nearest_rows(w, row_tables)
     scales = unit if shared else None
+    if stats is not None and config.scale_underdetermined_steps and 0 < stats.samples < w.shape[1]:
+        config = config.model_copy(update={"calib_steps": max(1, round(config.calib_steps * stats.samples / w.shape[1]))})
     if stats is not None and config.calib_steps > 0:
         idx, tables, learned_scales, _ = jlcm_learn(w, stats.damped(config.damp), idx, row_group, tables, unit, config,
                                                     shared=shared)

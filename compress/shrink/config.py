@@ -15,8 +15,10 @@ DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-st
 # (tools/bench_real.py --fold, docs/BENCHMARKS.md "Real pretrained model"). A few images also leave a classifier
 # fed one pooled vector per image with fewer calibration rows than inputs: its fit is underdetermined, so the
 # allocation gives it at least the target rounded down minus one bit (underdetermined_margin; same folds at 3 and
-# 4 bits; rounded down, not up, after photos:val showed the 2-bit floor losing at 2.5 bits: docs/BENCHMARKS.md).
-SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0, "underdetermined_margin": 1}
+# 4 bits; rounded down, not up, after photos:val showed the 2-bit floor losing at 2.5 bits: docs/BENCHMARKS.md),
+# and learns for fewer steps in proportion (scale_underdetermined_steps: MobileNetV2's classifier, 128 rows for 1,280
+# inputs, learns 20 steps instead of 200, for a tenth of its ~30 s; chosen on the same folds).
+SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0, "underdetermined_margin": 1, "scale_underdetermined_steps": True}
 
 
 class ShrinkConfig(Config):

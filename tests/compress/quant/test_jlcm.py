@@ -146,3 +146,23 @@ def test_widths_at_once_encode_what_each_width_encodes(options: dict) -> None:
         assert all(torch.equal(buffers[k], one_buffers[k]) for k in buffers), (bits, options)
     learned = quantize_jlcm_widths(w, [2], JLCMConfig(calib_steps=5, **options), stats)[2]
     assert torch.equal(decode(*learned), decode(*quantize_jlcm(w, stats, 2, JLCMConfig(calib_steps=5, **options))))
+
+
+def test_underdetermined_layers_learn_for_fewer_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scale_underdetermined_steps: fewer calibration rows than inputs -> calib_steps x rows / inputs steps."""
+    import compress.quant.jlcm as jlcm
+
+    steps: list[int] = []
+    learn = jlcm.jlcm_learn
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        steps.append(args[6].calib_steps)
+        return learn(*args, **kwargs)
+
+    monkeypatch.setattr(jlcm, "jlcm_learn", counting)
+    w, _ = _layer(rows=16, cols=64)
+    for samples in (16, 256):
+        _, stats = _layer(rows=16, cols=64, samples=samples)
+        for scale in (True, False):
+            quantize_jlcm(w, stats, 2, JLCMConfig(calib_steps=40, scale_underdetermined_steps=scale))
+    assert steps == [10, 40, 40, 40], "16 rows for 64 inputs: a quarter of the steps; 256 rows: all of them"

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from compress.quant.baselines import column_weights, encode_8bit
 from compress.format.weights import encode_codebook, matrix_shape
-from compress.quant.kmeans import kmeans_1d_widths, kmeans_1d
+from compress.quant.kmeans import kmeans_1d_widths
 from compress.quant.registry import Encoded, QuantConfig, register_method
 from compress.quant.stats import LayerStats
 

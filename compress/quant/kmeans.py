@@ -36,15 +36,10 @@ def _summarise(x: torch.Tensor, w: torch.Tensor, max_points: int) -> tuple[torch
     return wx / ws.clamp_min(1e-300), ws
 
 
-def _dp_segments(p: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """Optimal split of the sorted weighted points p [M] into k contiguous segments; returns k start indices."""
-    return _DPTable(p, w).segments(k)
-
-
 class _DPTable:
-    """The dynamic programme of `_dp_segments`, kept so that any number of segments reads it: the layer for m
-    segments does not depend on how many are asked for in the end, so one table up to the largest k serves
-    every smaller k (the same arithmetic, the same splits)."""
+    """Optimal splits of the sorted weighted points p [M] into contiguous segments, by dynamic programme. The
+    layer for m segments does not depend on how many are asked for in the end, so one table up to the largest k
+    serves every smaller k (the same arithmetic, the same splits)."""
 
     def __init__(self, p: torch.Tensor, w: torch.Tensor) -> None:
         m = p.numel()
@@ -125,7 +120,7 @@ def kmeans_1d_widths(x: torch.Tensor, ks: list[int], weights: torch.Tensor | Non
     w = w[order]
     distinct = 1 + int((x[1:] != x[:-1]).sum())
     out: dict[int, torch.Tensor] = {}
-    table, prefix = None, None
+    table, prefix = None, None  # built on the first k that needs them
     xd, wd = x.double(), w.double()
     for k in sorted(set(ks)):
         if distinct <= k:
@@ -142,9 +137,9 @@ def kmeans_1d_widths(x: torch.Tensor, ks: list[int], weights: torch.Tensor | Non
             # Lloyd on the sorted values: clusters are runs cut at the midpoints, sums come from prefix sums
             if prefix is None:
                 zero = torch.zeros(1, dtype=torch.float64, device=x.device)
-                prefix = (torch.cat([zero, torch.cumsum(wd, 0)]), torch.cat([zero, torch.cumsum(wd * xd, 0)]))
-            s0, s1 = prefix
-            last = torch.tensor([x.numel()], device=x.device)
+                prefix = (torch.cat([zero, torch.cumsum(wd, 0)]), torch.cat([zero, torch.cumsum(wd * xd, 0)]),
+                          torch.tensor([x.numel()], device=x.device))
+            s0, s1, last = prefix
             for _ in range(lloyd_steps):
                 cuts = torch.searchsorted(xd, (cent[1:] + cent[:-1]) / 2)
                 bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), cuts, last])

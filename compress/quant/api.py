@@ -186,6 +186,12 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
     return layer_bits, sensitivity, feasible, floors
 
 
+def _underdetermined(model: nn.Module, ordered: list[Site], batches: list[Any], config: QuantConfig) -> set[str]:
+    """Layers whose calibration rows are fewer than their inputs (an underdetermined least-squares fit)."""
+    rows = calibration_rows(model, ordered, batches, config.max_samples)
+    return {s.name for s in ordered if s.name in rows and rows[s.name] < matrix_shape(s.weight.shape)[1]}
+
+
 def _underdetermined_floors(model: nn.Module, ordered: list[Site], batches: list[Any],
                             config: QuantConfig) -> dict[str, int]:
     """underdetermined_margin: the fewest bits of each layer whose calibration rows are fewer than its inputs
@@ -197,8 +203,7 @@ def _underdetermined_floors(model: nn.Module, ordered: list[Site], batches: list
     floor = math.floor(config.bits) - margin
     if floor <= 1:
         return {}
-    rows = calibration_rows(model, ordered, batches, config.max_samples)
-    return {s.name: floor for s in ordered if s.name in rows and rows[s.name] < matrix_shape(s.weight.shape)[1]}
+    return dict.fromkeys(_underdetermined(model, ordered, batches, config), floor)
 
 
 def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
@@ -215,13 +220,17 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     float_model = copy.deepcopy(model) if keep_float else model
     stats_all = {}
     float_inputs, replay = None, None
+    pooled = {}
+    if with_stats and config.pooled_prior > 0:  # underdetermined linear layers: a prior from their pooled map
+        pooled = {s.name: config.pooled_prior for s in ordered
+                  if s.kind == "linear" and s.name in _underdetermined(model, ordered, batches, config)}
     if with_stats and config.sequential:
         replay = Replay(model, batches[0], config.replay_mb << 20)
         float_inputs = FloatInputs(float_model, ordered, batches, counts, config.max_samples, config.seed,
                                    config.cache_mb << 20, Replay(float_model, batches[0], config.replay_mb << 20))
     if with_stats and not config.sequential:
         stats_all = collect_stats(model, None, [s for s in ordered if counts.get(s.name)], batches, counts,
-                                  config.max_samples, config.seed)
+                                  config.max_samples, config.seed, pooled=pooled)
     layers = []
     kept_float: list[dict[str, Any]] = []
     float_layers = {name: f"ignored (option ignore: {config.ignore})" for name in _ignored(model, config)}
@@ -234,7 +243,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             window = [s for s in ordered[i:i + config.window] if counts.get(s.name)]
             stats_all = collect_stats(float_model, model if quantized_any else None, window, batches, counts,
                                       config.max_samples, config.seed, {s.name: float_inputs.get(s) for s in window},
-                                      replay)
+                                      replay, {s.name: pooled[s.name] for s in window if s.name in pooled})
         if with_stats and counts.get(site.name):
             stats = stats_all.pop(site.name, None)
         weight = site.weight.detach()

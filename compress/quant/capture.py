@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compress.quant.pooled import MapCatcher
 from compress.quant.replay import Replay
 from compress.quant.sites import Site, Stop, call_name, no_fastpath
 from compress.quant.stats import LayerStats
@@ -153,15 +154,19 @@ def _site_input(site: Site, args: tuple, kwargs: dict, count: int | None, genera
 
 def _capture(model: nn.Module, sites: list[Site], batch: Any, counts: dict[str, int],
              quota: dict[str, int | None], seed: int, stop: bool, replay: Replay | None = None,
-             index: int = 0) -> dict[str, torch.Tensor]:
+             index: int = 0, moments: dict[str, tuple[torch.Tensor, int]] | None = None) -> dict[str, torch.Tensor]:
     """Run `model(batch)` and return the input rows of each site (named as in `model`); the forward stops
     early once all are caught when `stop` allows (each site then called as often as `counts` says). With
     `replay` (recorded for batch number `index`), modules that finished before the first site replay their
-    outputs of an earlier pass."""
+    outputs of an earlier pass. `moments`: for the linear sites it names, set to the within-map moment of the
+    feature map their input is the spatial mean of (compress.quant.pooled), where there is one."""
 
     def forward() -> dict[str, torch.Tensor]:
         caught: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
         handles = []
+        found: dict[str, tuple[torch.Tensor, int]] = {}
+        catchers = {s.name: MapCatcher(model, s.weight.shape[1]) for s in sites
+                    if moments is not None and s.name in moments and s.kind == "linear"}
 
         def done() -> bool:
             return stop and all(len(caught[s.name]) >= max(counts.get(s.name, 1), 1) for s in sites)
@@ -174,6 +179,10 @@ def _capture(model: nn.Module, sites: list[Site], batch: Any, counts: dict[str, 
                 continue
 
             def hook(_m: nn.Module, args: tuple, kwargs: dict, site: Site = site, gen: torch.Generator = gen) -> None:
+                if site.name in catchers and site.name not in found:
+                    moment = catchers[site.name].moment(args[0])
+                    if moment is not None:
+                        found[site.name] = moment
                 caught[site.name].append(_site_input(site, args, kwargs, quota[site.name], gen).detach())
                 if done():
                     raise Stop
@@ -187,6 +196,10 @@ def _capture(model: nn.Module, sites: list[Site], batch: Any, counts: dict[str, 
         finally:
             for h in handles:
                 h.remove()
+            for catcher in catchers.values():
+                catcher.remove()
+        if moments is not None:  # the last forward's (a replay may check its first against a plain one)
+            moments.update({name: found.get(name) for name in moments})
         return {name: torch.cat(parts, dim=1) for name, parts in caught.items() if parts}
 
     if replay is None:
@@ -233,21 +246,27 @@ def _quota(sites: list[Site], batches: list[Any], counts: dict[str, int], max_sa
 def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: list[Site], batches: list[Any],
                   counts: dict[str, int], max_samples: int, seed: int = 0,
                   float_inputs: dict[str, list[torch.Tensor | None]] | None = None,
-                  replay: Replay | None = None) -> dict[str, LayerStats]:
+                  replay: Replay | None = None, pooled: dict[str, float] | None = None) -> dict[str, LayerStats]:
     """Input moments of `sites` over `batches`: inputs x_q from `quant_model` (None: the float model's) and
     targets' inputs x_f from `float_model` (or `float_inputs`, per site and batch, e.g. from `FloatInputs`),
     at the same sampled positions. Sites name modules of both models; `replay` (of `quant_model`) skips what
-    earlier passes computed."""
+    earlier passes computed. `pooled` (site name -> strength): a linear site fed the spatial mean of a feature map
+    gets that map's within-image moment (of the x_q model) as a prior (compress.quant.pooled)."""
     quota = _quota(sites, batches, counts, max_samples)
     stats: dict[str, LayerStats] = {}
+    priors: dict[str, list[tuple[torch.Tensor, int] | None]] = {name: [] for name in pooled or {}}
     stop = all(counts.get(s.name, 0) >= 1 for s in sites)
     for i, batch in enumerate(batches):
+        caught: dict[str, tuple[torch.Tensor, int]] | None = dict.fromkeys(priors) if priors else None
         if float_inputs is not None:
             xf = {s.name: float_inputs[s.name][i] for s in sites if float_inputs[s.name][i] is not None}
         else:
-            xf = _capture(float_model, sites, batch, counts, quota, seed * 7919 + i, stop)
+            xf = _capture(float_model, sites, batch, counts, quota, seed * 7919 + i, stop,
+                          moments=caught if quant_model is None else None)
         xq = xf if quant_model is None else _capture(quant_model, sites, batch, counts, quota, seed * 7919 + i, stop,
-                                                     replay, i)
+                                                     replay, i, moments=caught)
+        for name, moment in (caught or {}).items():
+            priors[name].append(moment)
         for site in sites:
             if site.name not in xf or site.name not in xq:
                 continue
@@ -255,7 +274,12 @@ def collect_stats(float_model: nn.Module, quant_model: nn.Module | None, sites: 
             if site.name not in stats:
                 stats[site.name] = LayerStats.zeros(a.shape[0], a.shape[2], a.device, weight=site.weight)
             stats[site.name].add(a, None if quant_model is None else b)
-    return {name: st.finalize().expand(next(s.input_groups for s in sites if s.name == name)) for name, st in stats.items()}
+    out = {name: st.finalize() for name, st in stats.items()}
+    for name, parts in priors.items():
+        if name in out and parts and all(p is not None for p in parts):  # every batch's input was such a mean
+            moment = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+            out[name] = out[name].with_prior(moment.float(), pooled[name])
+    return {name: st.expand(next(s.input_groups for s in sites if s.name == name)) for name, st in out.items()}
 
 
 class FloatInputs:

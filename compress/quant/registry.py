@@ -47,6 +47,10 @@ class QuantConfig(Config):
                                                "calibration rows are fewer than its inputs (an underdetermined fit, "
                                                "as a classifier fed one pooled vector per image) gets at least the "
                                                "target rounded down minus this many bits (None: no floor)")
+    pooled_prior: float = Field(0.0, ge=0, description="a linear layer with fewer calibration rows than inputs and "
+                                "fed the spatial mean of a feature map (a classifier after global pooling) gets the "
+                                "map's within-image second moment, scaled to this share of its input moment's trace, "
+                                "as a prior (compress.quant.pooled; 0: none)")
     sensitivity_proxy: bool = Field(False, description="mixed: measure each layer's output error at one width only "
                                     "(the middle one) and scale it to the other widths by their weight error "
                                     "(one forward per layer instead of one per width; an approximation)")

@@ -107,6 +107,19 @@ class LayerStats:
         return LayerStats(self.H + eye, None, None, self.samples, self.weight, self.P + lam * self.weight,
                           self.energy + (lam * self.weight.pow(2)).sum())
 
+    def with_prior(self, prior: torch.Tensor, strength: float) -> LayerStats:
+        """Moments plus a prior second moment S [C, C] (one input group) scaled to strength x the trace of H: the
+        loss gains sum_r (w^_r - w_r) S' (w^_r - w_r), a ridge toward the float weights shaped like S."""
+        if strength <= 0:
+            return self
+        scale = strength * torch.diagonal(self.H, dim1=1, dim2=2).mean() / torch.diagonal(prior).mean().clamp_min(1e-30)
+        add = (scale * prior.to(self.H))[None].expand_as(self.H)
+        if self.weight is None:
+            return LayerStats(self.H + add, self.M + add, self.F + add, self.samples)
+        extra = self.weight @ add[0]
+        return LayerStats(self.H + add, None, None, self.samples, self.weight, self.P + extra,
+                          self.energy + (self.weight * extra).sum())
+
     def expand(self, groups: int) -> LayerStats:
         """The same moments for `groups` input groups (e.g. one input feeding query, key and value rows)."""
         if self.H.shape[0] == groups:

@@ -167,11 +167,13 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
         finally:
             unfuse_plain_biases(model)
     budget = plan_budget_bits(model, ordered, config)
-    floors = _underdetermined_floors(model, ordered, batches, config)
-    layer_bits, feasible = allocate_bits(floored_choices(sensitivity, floors), budget) if floors else (None, False)
-    if not feasible:  # no floor, or the floors do not fit the budget: the plain allocation
-        floors = {}
-        layer_bits, feasible = allocate_bits(sensitivity, budget)
+    underdetermined = _underdetermined_floors(model, ordered, batches, config)
+    fewest = getattr(config, "min_bits", None)
+    everywhere = {name: max(underdetermined.get(name, 0), fewest) for name in sensitivity} if fewest else {}
+    for floors in [f for f in (everywhere, underdetermined) if f] + [{}]:  # the first floors that fit the budget
+        layer_bits, feasible = allocate_bits(floored_choices(sensitivity, floors) if floors else sensitivity, budget)
+        if feasible:
+            break
     if not feasible:
         floor = sum(min(v["bits"] for v in opts.values()) for opts in sensitivity.values())
         n = sum(s.weight.numel() for s in ordered)

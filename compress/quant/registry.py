@@ -47,6 +47,8 @@ class QuantConfig(Config):
                                                "calibration rows are fewer than its inputs (an underdetermined fit, "
                                                "as a classifier fed one pooled vector per image) gets at least the "
                                                "target rounded down minus this many bits (None: no floor)")
+    min_bits: int | None = Field(None, ge=1, le=8, description="mixed: every layer gets at least this many bits "
+                                 "when the target allows it (else the plan without this floor; None: no floor)")
     pooled_prior: float = Field(0.0, ge=0, description="a linear layer with fewer calibration rows than inputs and "
                                 "fed the spatial mean of a feature map (a classifier after global pooling) gets the "
                                 "map's within-image second moment, scaled to this share of its input moment's trace, "

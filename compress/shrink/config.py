@@ -17,7 +17,9 @@ DEFAULT_RECOVER_STEPS = 100  # the CLI default too (compress shrink --recover-st
 # allocation gives it at least the target rounded down minus one bit (underdetermined_margin; same folds at 3 and
 # 4 bits; rounded down, not up, after photos:val showed the 2-bit floor losing at 2.5 bits: docs/BENCHMARKS.md),
 # and learns for fewer steps in proportion (scale_underdetermined_steps: MobileNetV2's classifier, 128 rows for 1,280
-# inputs, learns 20 steps instead of 200, for a tenth of its ~30 s; chosen on the same folds).
+# inputs, learns 20 steps instead of 200, for a tenth of its ~30 s; chosen on the same folds). min_bits 2 (no 1-bit
+# layers) won on the folds at 2.5 and 3 bits but lost 5-11 points at 2.5 bits on photos:val, so it is not set here
+# (docs/BENCHMARKS.md, "Session 14").
 SHRINK_JLCM_DEFAULTS: dict[str, Any] = {"damp": 1.0, "underdetermined_margin": 1, "scale_underdetermined_steps": True}
 
 

@@ -272,3 +272,20 @@ def test_underdetermined_layers_are_counted_and_floored() -> None:
     assert allocate_bits(sens, 2100.0) == ({"head": 1, "conv": 2}, True)
     assert allocate_bits(floored_choices(sens, {"head": 2}), 2200.0) == ({"head": 2, "conv": 2}, True)
     assert allocate_bits(floored_choices(sens, {"head": 2}), 1250.0) == ({"head": 2, "conv": 1}, True)
+
+
+def test_min_bits_floors_every_layer_when_the_target_allows() -> None:
+    torch.manual_seed(0)
+    net = _WideHead().eval()
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    opts = {"method": "kmeans", "allocation": "mixed", "bit_choices": (1, 2, 3, 4)}
+    plain = cq.plan_bits(net, x, bits=1.6, **opts)
+    assert min(plain["bits"].values()) == 1, "the plain plan uses 1 bit somewhere (else this test says nothing)"
+    floored = cq.plan_bits(net, x, bits=2.6, min_bits=2, **opts)
+    assert min(floored["bits"].values()) >= 2 and floored["floors"] == {"conv": 2, "head": 2}
+    # with the underdetermined floor on top, each layer takes the higher of the two
+    both = cq.plan_bits(net, x, bits=4, min_bits=2, underdetermined_margin=1, **opts)
+    assert both["floors"] == {"conv": 2, "head": 3}
+    # a target the floor cannot meet gets the plan without it, not a refusal
+    fallback = cq.plan_bits(net, x, bits=1.6, min_bits=2, **opts)
+    assert fallback["floors"] == {} and fallback["bits"] == plain["bits"]

@@ -311,6 +311,7 @@ def test_shrink_gives_jlcm_its_few_images_ridge_unless_the_user_sets_one() -> No
     assert options()["damp"] == SHRINK_JLCM_DEFAULTS["damp"] == 1.0
     assert options()["underdetermined_margin"] == SHRINK_JLCM_DEFAULTS["underdetermined_margin"] == 1
     assert options()["scale_underdetermined_steps"] is SHRINK_JLCM_DEFAULTS["scale_underdetermined_steps"] is True
+    assert "min_bits" not in options() and options(quant_options={"min_bits": 2})["min_bits"] == 2
     assert options(quant_options={"damp": 0.01})["damp"] == 0.01
     assert options(quant_options={"underdetermined_margin": None})["underdetermined_margin"] is None
     assert "damp" not in options(method="rtn")

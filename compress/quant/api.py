@@ -224,8 +224,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     float_inputs, replay = None, None
     pooled = {}
     if with_stats and config.pooled_prior > 0:  # underdetermined linear layers: a prior from their pooled map
-        pooled = {s.name: config.pooled_prior for s in ordered
-                  if s.kind == "linear" and s.name in _underdetermined(model, ordered, batches, config)}
+        underdetermined = _underdetermined(model, ordered, batches, config)
+        pooled = {s.name: config.pooled_prior for s in ordered if s.kind == "linear" and s.name in underdetermined}
     if with_stats and config.sequential:
         replay = Replay(model, batches[0], config.replay_mb << 20)
         float_inputs = FloatInputs(float_model, ordered, batches, counts, config.max_samples, config.seed,

@@ -27,7 +27,8 @@ from compress.quant.stats import quadratic_loss
 
 __all__ = ["quantize", "plan_bits", "plan_budget_bits", "PLAN_FORMAT"]
 
-FLOAT_BITS = 32  # the allocation's "keep this layer in float" choice (mixed, float_choice)
+FLOAT_BITS = 16  # the allocation's "keep this layer in float" choice (mixed, float_choice): the artifact stores float
+# tensors as float16 values (the export stage's float16, on by default), so that is what such a layer costs
 Progress = Callable[[dict[str, Any]], None]
 
 

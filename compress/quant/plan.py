@@ -12,8 +12,8 @@ greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (t
 the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
 (indices, codebooks, scales, row maps). A bits target is a budget for the quantizable weights only; a size
 target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
-may stay float at 32 bits a weight; 8 bits are then measured too, since some layers (the first depthwise conv
-of a MobileNetV2) lose accuracy even at 8 bits. The sensitivity is that of the data-free form; a learned fit cuts
+may stay float at 16 bits a weight (the artifact stores float tensors as float16); 8 bits are then measured
+too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits. The sensitivity is that of the data-free form; a learned fit cuts
 it far more where the calibration rows outnumber a layer's inputs, so the API can floor the bits of the
 underdetermined layers (`calibration_rows`, `floored_choices`; option underdetermined_margin).
 """
@@ -100,7 +100,7 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
         weight_error: dict[int, float] = {}
         encoded = method.widths(original, [b for b in choices if b <= 8], quick) if method.widths is not None else {}
         for bits in choices:
-            if bits > 8:  # kept float (the float choice): exact, 32 bits a weight
+            if bits > 8:  # kept float (the float choice): exact, `bits` a weight
                 out[site.name][bits] = {"error": 0.0, "bits": float(bits * original.numel())}
                 continue
             layout, buffers = encoded[bits] if bits in encoded else method.fn(original, None, bits, quick)

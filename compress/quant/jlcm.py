@@ -49,8 +49,8 @@ class JLCMConfig(QuantConfig):
     # changes a classifier's answers
     fold_bn: bool = Field(True, description="fold each BatchNorm that follows a conv into the conv's weight before "
                           "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
-    float_choice: bool = Field(True, description="mixed: a layer may also stay in float (16 bits a weight, what the "
-                               "artifact stores, counted in the budget) when that is the best use of the bits")
+    float_choice: bool = Field(True, description="mixed: a layer may also stay in float (charged 32 bits a weight, "
+                               "twice what the artifact stores) when that is the best use of the bits")
     sensitivity_metric: Literal["mse", "kl"] = Field("kl", description="mixed: the output error a layer's sensitivity "
                                                      "is measured by: relative squared error, or KL of the softmax "
                                                      "for 2-D outputs (classifiers' logits)")

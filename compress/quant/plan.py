@@ -12,10 +12,11 @@ greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (t
 the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
 (indices, codebooks, scales, row maps). A bits target is a budget for the quantizable weights only; a size
 target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
-may stay float at 16 bits a weight (the artifact stores float tensors as float16); 8 bits are then measured
-too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits. The sensitivity is that of the data-free form; a learned fit cuts
-it far more where the calibration rows outnumber a layer's inputs, so the API can floor the bits of the
-underdetermined layers (`calibration_rows`, `floored_choices`; option underdetermined_margin).
+may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
+then measured too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits.
+The sensitivity is that of the data-free form; a learned fit cuts it far more where the calibration rows
+outnumber a layer's inputs, so the API can floor the bits of the underdetermined layers (`calibration_rows`,
+`floored_choices`; option underdetermined_margin).
 """
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ class QuantConfig(Config):
     estimated_bits: tuple[int, ...] = Field((5, 6), description="mixed: bit choices whose output error is not "
                                             "measured but scaled from the next measured width below by the ratio "
                                             "of their weights' squared errors (one forward per layer less each)")
-    float_choice: bool = Field(False, description="mixed: a layer may also stay in float (16 bits a weight, what the "
-                               "artifact stores, counted in the budget) when that is the best use of the bits, e.g. "
+    float_choice: bool = Field(False, description="mixed: a layer may also stay in float (charged 32 bits a weight, "
+                               "twice what the artifact stores) when that is the best use of the bits, e.g. "
                                "a small layer that even 8 bits perturb (8 bits are then measured, not assumed lossless)")
     ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
                               "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")

@@ -25,7 +25,8 @@ count.
 Choosing a default on photos:val would tune it to the figures it is judged by. `--fold a|b` never reads
 photos:val: it splits the photos of photos:calib in two (FOLDS, disjoint by photo; the two photos of one scene
 stay together), calibrates on one half and scores on crops of the other; fold b swaps the halves. A setting is
-chosen on both folds, then measured once on photos:val.
+chosen on both folds, then measured once on photos:val. `tools/fold_table.py` turns the `--json` rows of fold runs into
+the table of docs/BENCHMARKS.md, with each fold's change against a baseline label.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ import torch
 
 from compress.format.packing import bit_planes, pack_indices, packed_cols, unpack_indices
 
-__all__ = ["CODEBOOKS", "ROW_MAPS", "buffer_specs", "empty_buffers", "storage_bits", "bits_per_weight",
+__all__ = ["CODEBOOKS", "ROW_MAPS", "buffer_specs", "empty_buffers", "storage_bits", "stored_bits", "bits_per_weight",
            "formula_bits", "row_groups", "decode", "encode_codebook", "encode_nf4", "matrix_shape", "id_bits"]
 
 CODEBOOKS = ("per-group", "shared", "grid")
@@ -129,6 +129,22 @@ def storage_bits(layout: dict[str, Any]) -> int:
     """Exact bits the stored tensors of a quantized weight take (bias and other parameters excluded)."""
     return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * 8
                for shape, dtype in buffer_specs(layout).values())
+
+
+def stored_bits(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> int:
+    """Bits these tensors take in an artifact: storage_bits with the packed indices at their entropy-coded size
+    (the container rANS-codes them when that is smaller; compress.format.container.stored_index_bits)."""
+    from compress.format.container import stored_index_bits
+
+    fixed = storage_bits(layout)
+    packed = buffers.get("packed")
+    if packed is None or not packed.numel():
+        return fixed
+    bits = 4 if layout["format"] == "nf4" else layout["bits"]
+    rows, cols = matrix_shape(layout["shape"])
+    symbols = _unpack(packed, bits, rows, cols, layout["packing"])
+    raw_bytes = packed.numel()
+    return fixed - 8 * raw_bytes + stored_index_bits(symbols, bits, raw_bytes)
 
 
 def bits_per_weight(layout: dict[str, Any]) -> float:

@@ -14,7 +14,7 @@ from compress.errors import UserError
 from compress.evaluate.size import count_params, storage_bytes
 from compress.format.layers import attach_quantized
 from compress.format.restorers import PLAN_FORMAT
-from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits
+from compress.format.weights import bits_per_weight, decode, matrix_shape, storage_bits, stored_bits
 from compress.models.memory_format import channels_last_on_cpu
 from compress.models.protocol import to_device
 from compress.quant.capture import FloatInputs, collect_stats
@@ -274,7 +274,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         quantized_any = True
         entry = {"name": site.name, "attr": site.attr, "kind": site.kind, "shape": list(weight.shape),
                  "weights": weight.numel(), "bits": bits, "groups": layout.get("groups"),
-                 "bits_per_weight": round(bits_per_weight(layout), 4), "error": error,
+                 "bits_per_weight": round(bits_per_weight(layout), 4),
+                 "coded_bits_per_weight": round(stored_bits(layout, buffers) / weight.numel(), 4), "error": error,
                  "sensitivity": sensitivity.get(site.name, {}).get(bits, {}).get("error"),
                  "seconds": round(time.perf_counter() - t0, 3), "layout": layout}
         layers.append(entry)
@@ -299,10 +300,13 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     del float_model
     n_quant = max(sum(e["weights"] for e in layers), 1)
     n = n_quant + sum(e["weights"] for e in kept_float)
-    stored = sum(storage_bits(e["layout"]) for e in layers) + FLOAT_STORED_BITS * sum(e["weights"] for e in kept_float)
+    float_bits = FLOAT_STORED_BITS * sum(e["weights"] for e in kept_float)
+    stored = sum(storage_bits(e["layout"]) for e in layers) + float_bits
+    coded = sum(e["coded_bits_per_weight"] * e["weights"] for e in layers) + float_bits
     summary = {"layers": len(layers), "weights": n_quant,
                "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n_quant, 4),
-               "bits_per_weight": round(stored / n, 4), "kept_float": kept_float,
+               "bits_per_weight": round(stored / n, 4), "coded_bits_per_weight": round(coded / n, 4),
+               "kept_float": kept_float,
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),
                "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,

@@ -10,7 +10,9 @@ call order and the modules before the perturbed one replay their recorded output
 each pass runs the model from that layer on. Errors are taken as additive across layers. Allocation is
 greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (to any wider choice) with
 the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
-(indices, codebooks, scales, row maps). A bits target is a budget for the quantizable weights only; a size
+(indices, codebooks, scales, row maps); with `coded_indices` the indices are charged the entropy-coded size the
+artifact stores them at (rANS over the data-free code's symbol counts, format.weights.stored_bits), so the budget
+counts what the file holds rather than the fixed width. A bits target is a budget for the quantizable weights only; a size
 target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
 may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
 then measured too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits.
@@ -29,7 +31,7 @@ import torch.nn as nn
 from compress.models.protocol import float_outputs as model_outputs
 from compress.quant.replay import Replay
 from compress.quant.sites import Site, call_name, no_fastpath
-from compress.format.weights import decode, storage_bits
+from compress.format.weights import decode, storage_bits, stored_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
 __all__ = ["output_error", "measure_sensitivity", "allocate_bits", "estimated_widths", "calibration_rows",
@@ -87,6 +89,11 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
     widths = sorted(b for b in choices if b <= 8 and not (b >= 8 and max(choices) <= 8))
     estimated = estimated_widths(widths, tuple(getattr(config, "estimated_bits", ())),
                                  bool(getattr(config, "sensitivity_proxy", False)))
+    coded = bool(getattr(config, "coded_indices", False))
+
+    def size(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> float:
+        return float(stored_bits(layout, buffers) if coded else storage_bits(layout))
+
     needs_weight_error = set(estimated) | set(estimated.values())  # the estimated widths and their anchors
     # layers are perturbed in call order, so the modules that return before a layer's first call replay their
     # outputs of the passes before: each pass runs the model from the perturbed layer on
@@ -106,18 +113,18 @@ def measure_sensitivity(model: nn.Module, sites: list[Site], batches: list[Any],
                 continue
             layout, buffers = encoded[bits] if bits in encoded else method.fn(original, None, bits, quick)
             if bits >= 8 and max(choices) <= 8:  # 8-bit codes are near-lossless: not worth a forward pass per layer
-                out[site.name][bits] = {"error": 0.0, "bits": float(storage_bits(layout))}
+                out[site.name][bits] = {"error": 0.0, "bits": size(layout, buffers)}
                 continue
             decoded = decode(layout, buffers).to(param.dtype)
             if bits in needs_weight_error:
                 weight_error[bits] = float(((decoded.float() - original.float()) ** 2).sum())
             if bits in estimated:  # scaled from its anchor's measured error below
-                out[site.name][bits] = {"error": None, "bits": float(storage_bits(layout))}
+                out[site.name][bits] = {"error": None, "bits": size(layout, buffers)}
                 continue
             param.data.copy_(decoded)
             out[site.name][bits] = {"error": output_error(_run(model, batches, replay, cutoff), reference,
                                                           getattr(config, "sensitivity_metric", "mse")),
-                                    "bits": float(storage_bits(layout))}
+                                    "bits": size(layout, buffers)}
         for bits, anchor in estimated.items():  # output error proportional to the weights' squared error
             anchor_error = out[site.name][anchor]["error"]
             out[site.name][bits]["error"] = anchor_error * weight_error[bits] / max(weight_error[anchor], 1e-30)

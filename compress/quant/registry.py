@@ -37,6 +37,9 @@ class QuantConfig(Config):
     float_choice: bool = Field(False, description="mixed: a layer may also stay in float (charged 32 bits a weight, "
                                "twice what the artifact stores) when that is the best use of the bits, e.g. "
                                "a small layer that even 8 bits perturb (8 bits are then measured, not assumed lossless)")
+    coded_indices: bool = Field(False, description="mixed: charge each layer's indices the entropy-coded size the "
+                                "artifact stores them at (rANS, estimated from the data-free code) instead of their "
+                                "fixed width, so the target counts the bits the file holds")
     ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
                               "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")
     sensitivity_metric: Literal["mse", "kl"] = Field("mse", description="mixed: the output error a layer's "

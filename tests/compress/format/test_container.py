@@ -247,3 +247,29 @@ def test_float32_values_exact_in_float16_take_half_the_bytes(tmp_path: Path) -> 
     assert codecs["c.bias"][0] is None and codecs["d.bias"][0] is None, "out of range and NaN stay float32"
     for name, tensor in tensors.items():
         assert back[name].dtype == torch.float32 and torch.equal(back[name].nan_to_num(7), tensor.nan_to_num(7)), name
+
+
+def test_stored_bits_estimates_what_the_container_writes(tmp_path: Path) -> None:
+    """weights.stored_bits (what a size budget charges) takes the packed indices at the size the writer stores them:
+    the same raw-or-coded choice, a coded stream within 2 % plus its counts, raw entries exact."""
+    from compress.format.weights import storage_bits, stored_bits
+
+    tensors, manifest = quantized_tensors()
+    path = tmp_path / "q.safetensors"
+    write_tensors(path, tensors, manifest)
+    index = {entry[0]: entry for entry in read_artifact_parts(path)[2]["index"]["tensors"]}
+    coded_any = False
+    for layer in manifest["model_meta"]["quantization"]["layers"]:
+        key = f"{layer['name']}.{layer['attr']}"
+        buffers = {name[len(key) + 1:]: t for name, t in tensors.items() if name.startswith(key + "_")}
+        estimate = stored_bits(layer["layout"], buffers) - storage_bits(layer["layout"]) + 8 * buffers["packed"].numel()
+        entry = index[key + "_packed"]
+        written = 8 * entry[3]
+        if len(entry) == 5:  # coded: the stream, plus the counts the manifest holds
+            coded_any = True
+            counts = 8 * (len(json.dumps(entry[4]["counts"])) // 2)
+            assert written <= estimate - counts + 64 and estimate - counts <= 1.02 * written + 64, key
+            assert estimate < 8 * buffers["packed"].numel(), key
+        else:
+            assert estimate == written, key
+    assert coded_any

@@ -304,3 +304,30 @@ def test_min_bits_floors_every_layer_when_the_target_allows() -> None:
     # a target the floor cannot meet gets the plan without it, not a refusal
     fallback = cq.plan_bits(net, x, bits=1.6, min_bits=2, **opts)
     assert fallback["floors"] == {} and fallback["bits"] == plain["bits"]
+
+
+def test_coded_indices_charge_the_entropy_coded_size() -> None:
+    """coded_indices: the allocation charges each width what the artifact stores (indices rANS-coded), so the
+    same target buys more index bits; the summary reports that coded size next to the fixed-width one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(32 * 8 * 8, 10)).eval()
+    with torch.no_grad():  # long-tailed weights, as pretrained ones are: their k-means codes are far from uniform
+        for m in net:
+            if hasattr(m, "weight"):
+                m.weight.mul_(torch.randn_like(m.weight).abs() ** 2)
+    x = [torch.rand(4, 3, 12, 12) for _ in range(2)]
+    common = dict(method="kmeans", allocation="mixed", bits=3, bit_choices=(2, 3, 4, 5), estimated_bits=())
+    fixed = cq.plan_bits(net, x, **common)
+    coded = cq.plan_bits(net, x, coded_indices=True, **common)
+    for name, options in fixed["sensitivity"].items():
+        for bits, cost in options.items():
+            assert coded["sensitivity"][name][bits]["bits"] <= cost["bits"], (name, bits)
+    assert coded["sensitivity"]["5"][5]["bits"] < fixed["sensitivity"]["5"][5]["bits"]
+    weights = {name: m.weight.numel() for name, m in net.named_modules() if hasattr(m, "weight")}
+    index_bits = {plan: sum(b * weights[n] for n, b in p["bits"].items()) for plan, p in (("fixed", fixed), ("coded", coded))}
+    assert index_bits["coded"] > index_bits["fixed"]
+    q = cq.quantize(copy.deepcopy(net), x, coded_indices=True, **common)
+    summary = q.quantization_plan["summary"]
+    assert summary["coded_bits_per_weight"] < summary["bits_per_weight"]
+    assert summary["coded_bits_per_weight"] <= 3.0  # k-means codes are the data-free ones the plan charged

@@ -21,7 +21,8 @@ from compress.quant.capture import FloatInputs, collect_stats
 from compress.quant.fold import fuse_plain_biases, unfuse_plain_biases
 from compress.quant.replay import Replay
 from compress.quant.sites import DATA_FREE_KINDS, Site, call_name, call_order, find_sites, no_fastpath
-from compress.quant.plan import allocate_bits, batch_size, calibration_rows, floored_choices, measure_sensitivity
+from compress.quant.plan import (allocate_bits, batch_size, calibration_rows, floored_choices, measure_sensitivity,
+                                 reallocate_bits)
 from compress.quant.registry import QuantConfig, get_method, make_config, method_name
 from compress.quant.stats import quadratic_loss
 
@@ -146,8 +147,8 @@ def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlc
     model.eval()
     try:
         ordered, _ = call_order(model, sites, batches[0]) if batches else (sites, {})
-        layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, get_method(method), config,
-                                                              progress)
+        layer_bits, sensitivity, feasible, floors, _ = _allocate(model, ordered, batches, get_method(method), config,
+                                                                 progress)
     finally:
         model.train(was_training)
     return {"bits": layer_bits, "sensitivity": sensitivity, "feasible": feasible, "floors": floors}
@@ -155,12 +156,13 @@ def plan_bits(model: nn.Module, calib_batches: Iterable[Any], method: str = "jlc
 
 def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: Any, config: QuantConfig,
               progress: Progress | None, folded: list[tuple[str, str]] = ()
-              ) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool, dict[str, int]]:
-    """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed); and the floors
-    that held (underdetermined_margin). The `folded` conv -> BN pairs have their BN bias added by the conv
-    during the sensitivity passes (compress.quant.fold.fuse_plain_biases)."""
+              ) -> tuple[dict[str, int], dict[str, dict[int, dict[str, float]]], bool, dict[str, int], Any]:
+    """Per-layer bits: uniform, or from the measured sensitivity to meet the target (mixed); the floors that held
+    (underdetermined_margin); and (budget bits, the choices allocated from) for replanning (None: uniform). The
+    `folded` conv -> BN pairs have their BN bias added by the conv during the sensitivity passes
+    (compress.quant.fold.fuse_plain_biases)."""
     if config.allocation == "uniform":
-        return {s.name: int(config.bits) for s in ordered}, {}, True, {}
+        return {s.name: int(config.bits) for s in ordered}, {}, True, {}, None
     if not batches:
         raise UserError("allocation mixed measures sensitivity on calibration batches (got none)")
     choices = tuple(sorted(set(config.bit_choices))) + ((FLOAT_BITS,) if config.float_choice else ())
@@ -176,7 +178,8 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
     fewest = getattr(config, "min_bits", None)
     everywhere = {name: max(underdetermined.get(name, 0), fewest) for name in sensitivity} if fewest else {}
     for floors in [f for f in (everywhere, underdetermined) if f] + [{}]:  # the first floors that fit the budget
-        layer_bits, feasible = allocate_bits(floored_choices(sensitivity, floors) if floors else sensitivity, budget)
+        allowed = floored_choices(sensitivity, floors) if floors else sensitivity
+        layer_bits, feasible = allocate_bits(allowed, budget)
         if feasible:
             break
     if not feasible:
@@ -190,7 +193,7 @@ def _allocate(model: nn.Module, ordered: list[Site], batches: list[Any], spec: A
             need = f"at least {config.size_bytes + (floor - budget) / 8:,.0f} bytes"
         raise UserError(f"quantize: the target {target} cannot be met: it needs {need}; ask for more, or add "
                         "narrower bit_choices / ignore layers")
-    return layer_bits, sensitivity, feasible, floors
+    return layer_bits, sensitivity, feasible, floors, (budget, allowed)
 
 
 def _underdetermined(model: nn.Module, ordered: list[Site], batches: list[Any], config: QuantConfig) -> set[str]:
@@ -220,7 +223,10 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if site.kind in DATA_FREE_KINDS:
             counts[site.name] = 0
     target = {"bits": config.bits} if config.size_bytes is None else {"size_bytes": config.size_bytes}
-    layer_bits, sensitivity, feasible, floors = _allocate(model, ordered, batches, spec, config, progress, folded)
+    layer_bits, sensitivity, feasible, floors, budget = _allocate(model, ordered, batches, spec, config, progress,
+                                                                  folded)
+    replan = budget if config.replan and budget is not None else None
+    spent, replanned = 0.0, []
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
                                                          and bool(batches))
@@ -254,10 +260,19 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if with_stats and counts.get(site.name):
             stats = stats_all.pop(site.name, None)
         weight = site.weight.detach()
+        if replan is not None and i:  # the layers left get what the quantized ones did not take
+            total, allowed = replan
+            rest = {s.name: layer_bits[s.name] for s in ordered[i:]}
+            slack = total - spent - sum(allowed[n][b]["bits"] for n, b in rest.items())
+            for name, new in reallocate_bits(allowed, rest, slack).items():
+                if new != layer_bits[name]:
+                    replanned.append({"name": name, "from": layer_bits[name], "to": new, "before": site.name})
+                    layer_bits[name] = new
         bits = layer_bits[site.name]
         if bits >= FLOAT_BITS:  # the allocation keeps it float: the best use of the budget for this layer
             float_layers[site.name] = "kept float by the mixed allocation (sensitive and small)"
             kept_float.append({"name": site.name, "weights": weight.numel(), "bits_per_weight": FLOAT_STORED_BITS})
+            spent += FLOAT_BITS * weight.numel()
             if progress is not None:
                 progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                           "bits_per_weight": FLOAT_STORED_BITS, "error": 0.0, "seconds": 0.0})
@@ -272,13 +287,15 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if replay is not None:
             replay.invalidate(call_name(site))
         quantized_any = True
+        coded = stored_bits(layout, buffers)
         entry = {"name": site.name, "attr": site.attr, "kind": site.kind, "shape": list(weight.shape),
                  "weights": weight.numel(), "bits": bits, "groups": layout.get("groups"),
                  "bits_per_weight": round(bits_per_weight(layout), 4),
-                 "coded_bits_per_weight": round(stored_bits(layout, buffers) / weight.numel(), 4), "error": error,
+                 "coded_bits_per_weight": round(coded / weight.numel(), 4), "error": error,
                  "sensitivity": sensitivity.get(site.name, {}).get(bits, {}).get("error"),
                  "seconds": round(time.perf_counter() - t0, 3), "layout": layout}
         layers.append(entry)
+        spent += coded if config.coded_indices else storage_bits(layout)
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                       "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})
@@ -310,7 +327,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),
                "size_bytes": storage_bytes(model), "target": target, "feasible": feasible,
-               "bias_corrected_layers": corrected, "bit_floors": floors, "tuning": tuning}
+               "bias_corrected_layers": corrected, "bit_floors": floors, "replanned": replanned, "tuning": tuning}
     return {"format": PLAN_FORMAT, "method": spec.name, "options": config.model_dump(mode="json"),
             "layers": layers, "summary": summary}
 

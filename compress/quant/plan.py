@@ -22,6 +22,7 @@ outnumber a layer's inputs, so the API can floor the bits of the underdetermined
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ from compress.quant.sites import Site, call_name, no_fastpath
 from compress.format.weights import decode, storage_bits, stored_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
-__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "estimated_widths", "calibration_rows",
+__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "reallocate_bits", "estimated_widths", "calibration_rows",
            "floored_choices", "batch_size"]
 
 
@@ -140,6 +141,13 @@ def allocate_bits(sensitivity: dict[str, dict[int, dict[str, float]]], budget_bi
     used = sum(sensitivity[n][b]["bits"] for n, b in plan.items())
     if used > budget_bits:
         return plan, False
+    return _upgrade(sensitivity, plan, used, budget_bits), True
+
+
+def _upgrade(sensitivity: dict[str, dict[int, dict[str, float]]], plan: dict[str, int], used: float,
+             budget_bits: float) -> dict[str, int]:
+    """Greedy by benefit per bit: the upgrade with the largest error drop per stored bit, while it fits."""
+    plan = dict(plan)
     while True:
         best, best_ratio = None, 0.0
         for name, b in plan.items():
@@ -153,10 +161,35 @@ def allocate_bits(sensitivity: dict[str, dict[int, dict[str, float]]], budget_bi
                 if ratio > best_ratio:
                     best, best_ratio = (name, wider, extra), ratio
         if best is None:
-            return plan, True
+            return plan
         name, wider, extra = best
         plan[name] = wider
         used += extra
+
+
+def reallocate_bits(sensitivity: dict[str, dict[int, dict[str, float]]], plan: dict[str, int],
+                    slack_bits: float) -> dict[str, int]:
+    """The plan of the layers not yet quantized, given what the quantized ones really took: `slack_bits` is the
+    budget minus their stored bits minus this plan's. Slack buys upgrades (greedy, as allocate_bits); a deficit is
+    paid back by narrowings: the one adding least error among those that pay it all, else the least error per
+    bit saved, repeated."""
+    plan = dict(plan)
+    used = sum(sensitivity[n][b]["bits"] for n, b in plan.items())
+    while slack_bits < 0:
+        narrowings = [(max(opts[narrower]["error"] - opts[b]["error"], 0.0), opts[b]["bits"] - opts[narrower]["bits"],
+                       name, narrower)
+                      for name, b in plan.items() for opts in [sensitivity[name]] for narrower in opts
+                      if narrower < b and opts[narrower]["bits"] < opts[b]["bits"]]
+        if not narrowings:
+            return plan
+        enough = [n for n in narrowings if n[1] >= -slack_bits]
+        # one narrowing that pays the whole deficit: the one adding least error (what it frees beyond the deficit
+        # is spent again below); else the least error per bit saved, and go on
+        _, saved, name, narrower = min(enough) if enough else min(narrowings, key=lambda n: (n[0] / n[1], n[1]))
+        plan[name] = narrower
+        slack_bits += saved
+        used -= saved
+    return _upgrade(sensitivity, plan, used, used + slack_bits)
 
 
 def batch_size(batch: Any) -> int:

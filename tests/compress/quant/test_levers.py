@@ -152,7 +152,7 @@ def test_kept_float_layers_stay_plain_and_are_counted(tmp_path) -> None:
     original = api.allocate_bits
     api.allocate_bits = lambda sens, budget: ({name: (api.FLOAT_BITS if name == "dw.0" else 8) for name in sens}, True)
     try:
-        q = cq.quantize(copy.deepcopy(net), x, method="rtn", allocation="mixed", bits=8, float_choice=True)
+        q = cq.quantize(copy.deepcopy(net), x, method="rtn", allocation="mixed", bits=8, float_choice=True, replan=False)
     finally:
         api.allocate_bits = original
     summary = q.quantization_plan["summary"]
@@ -331,3 +331,50 @@ def test_coded_indices_charge_the_entropy_coded_size() -> None:
     summary = q.quantization_plan["summary"]
     assert summary["coded_bits_per_weight"] < summary["bits_per_weight"]
     assert summary["coded_bits_per_weight"] <= 3.0  # k-means codes are the data-free ones the plan charged
+
+
+def test_reallocate_bits_spends_slack_and_pays_back_a_deficit() -> None:
+    from compress.quant.plan import reallocate_bits
+
+    sens = {"a": {2: {"error": 1.0, "bits": 100.0}, 3: {"error": 0.4, "bits": 150.0}, 4: {"error": 0.3, "bits": 200.0}},
+            "b": {2: {"error": 0.5, "bits": 100.0}, 3: {"error": 0.45, "bits": 150.0}, 4: {"error": 0.1, "bits": 200.0}}}
+    plan = {"a": 2, "b": 2}
+    assert reallocate_bits(sens, plan, 0.0) == plan
+    assert reallocate_bits(sens, plan, 49.0) == plan, "no upgrade fits"
+    assert reallocate_bits(sens, plan, 50.0) == {"a": 3, "b": 2}, "the largest error drop per bit"
+    assert reallocate_bits(sens, plan, 150.0) == {"a": 3, "b": 4}
+    wide = {"a": 4, "b": 4}
+    assert reallocate_bits(sens, wide, -10.0) == {"a": 3, "b": 4}, "the narrowing that costs least error per bit"
+    # a 4 -> 3, then b 4 -> 2 (cheapest per bit), and the freed bits buy a back: summed error 0.8 (3 and 3: 0.85)
+    assert reallocate_bits(sens, wide, -60.0) == {"a": 4, "b": 2}
+
+
+def test_replanning_meets_a_coded_target_with_learned_indices() -> None:
+    """jlcm's learned indices code to other sizes than the data-free ones the plan charged; replanning after each
+    layer spends (or pays back) the difference, so the bits the file holds meet the target."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 10)).eval()
+    with torch.no_grad():
+        for m in net:
+            if hasattr(m, "weight"):
+                m.weight.mul_(torch.randn_like(m.weight).abs() ** 2)
+    x = [torch.rand(8, 3, 12, 12) for _ in range(2)]
+    common = dict(method="jlcm", bits=3, bit_choices=(2, 3, 4, 5), estimated_bits=(), calib_steps=20,
+                  coded_indices=True, float_choice=False)
+    plans = {}
+    for replan in (False, True):
+        q = cq.quantize(copy.deepcopy(net), x, replan=replan, **common)
+        plans[replan] = q.quantization_plan
+    final = {e["name"]: e["bits"] for e in plans[True]["layers"]}
+    for change in plans[True]["summary"]["replanned"]:
+        assert change["from"] != change["to"]
+    if plans[True]["summary"]["replanned"]:
+        last = {c["name"]: c["to"] for c in plans[True]["summary"]["replanned"]}
+        assert all(final[name] == bits for name, bits in last.items())
+    assert not plans[False]["summary"]["replanned"]
+    coded = {r: p["summary"]["coded_bits_per_weight"] for r, p in plans.items()}
+    assert coded[True] <= 3.0, coded
+    # here the second conv's learned codes take 1,024 bits more than charged, 8 more than the plan left unspent:
+    # the replan narrows the classifier (the least added error that pays it) and spends the rest on the third conv
+    assert plans[True]["summary"]["replanned"], "a deficit was paid back"

@@ -227,6 +227,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                                                                   folded)
     replan = budget if config.replan and budget is not None else None
     spent, replanned = 0.0, []
+    measured = charged = 0.0  # stored and planned bits of the quantized layers so far
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
                                                          and bool(batches))
@@ -263,6 +264,10 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
         if replan is not None and i:  # the layers left get what the quantized ones did not take
             total, allowed = replan
             rest = {s.name: layer_bits[s.name] for s in ordered[i:]}
+            if charged > 0:  # the layers left are expected to store, per planned bit, what the quantized ones did
+                ratio = measured / charged
+                allowed = {n: {b: {**v, "bits": v["bits"] * (ratio if b < FLOAT_BITS else 1.0)} for b, v in o.items()}
+                           for n, o in allowed.items()}
             slack = total - spent - sum(allowed[n][b]["bits"] for n, b in rest.items())
             for name, new in reallocate_bits(allowed, rest, slack).items():
                 if new != layer_bits[name]:
@@ -296,6 +301,9 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                  "seconds": round(time.perf_counter() - t0, 3), "layout": layout}
         layers.append(entry)
         spent += coded if config.coded_indices else storage_bits(layout)
+        if replan is not None:
+            measured += coded if config.coded_indices else storage_bits(layout)
+            charged += replan[1][site.name][bits]["bits"]
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,
                       "bits_per_weight": entry["bits_per_weight"], "error": error, "seconds": entry["seconds"]})

@@ -41,8 +41,9 @@ class QuantConfig(Config):
                                 "artifact stores them at (rANS, estimated from the data-free code) instead of their "
                                 "fixed width, so the target counts the bits the file holds")
     replan: bool = Field(True, description="mixed: after each layer is quantized, re-solve the bits of the layers "
-                         "left with the bits the quantized ones really store (with coded_indices their learned "
-                         "indices code to other sizes than the data-free estimate; else nothing changes)")
+                         "left: the budget less what the quantized ones store, their planned sizes scaled by the ratio "
+                         "of stored to planned bits so far (with coded_indices learned indices code to other sizes "
+                         "than the data-free estimate; else nothing changes)")
     ignore: list[str] = Field(default_factory=list, description="layers kept dense: module names, globs "
                               "('head.*') or regexes with a 're:' prefix ('re:.*\\.fc\\d')")
     sensitivity_metric: Literal["mse", "kl"] = Field("mse", description="mixed: the output error a layer's "

@@ -51,6 +51,9 @@ class JLCMConfig(QuantConfig):
                           "quantizing (the BN stays, as a per-channel bias), so errors are measured after the BN")
     float_choice: bool = Field(True, description="mixed: a layer may also stay in float (charged 32 bits a weight, "
                                "twice what the artifact stores) when that is the best use of the bits")
+    coded_indices: bool = Field(True, description="mixed: charge each layer's indices the entropy-coded size the "
+                                "artifact stores them at instead of their fixed width (docs/BENCHMARKS.md, session 16: "
+                                "MobileNetV2 at 4 bits keeps more answers on every calibration seed)")
     sensitivity_metric: Literal["mse", "kl"] = Field("kl", description="mixed: the output error a layer's sensitivity "
                                                      "is measured by: relative squared error, or KL of the softmax "
                                                      "for 2-D outputs (classifiers' logits)")

@@ -150,7 +150,8 @@ def main() -> None:
                        **{k: round(v, 5) for k, v in figures.items()},
                        "file_bytes": result["file_bytes"], "params": result["params_after"],
                        "stored_bits_per_param": round(result["file_bytes"] * 8 / result["params_after"], 4),
-                       "quantized_bits_per_weight": plan.get("bits_per_weight"), "seconds": round(seconds, 1),
+                       "quantized_bits_per_weight": plan.get("bits_per_weight"),
+                       "coded_bits_per_weight": plan.get("coded_bits_per_weight"), "seconds": round(seconds, 1),
                        "options": options}
                 if plan.get("tuning"):  # the calibration loss before / after the codebook tuning (tune_steps)
                     row["tuning"] = {k: plan["tuning"].get(k) for k in ("loss_before", "loss_after", "kept")}

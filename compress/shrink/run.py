@@ -345,7 +345,8 @@ def run_shrink(config: ShrinkConfig, out: str | Path, verify: bool = True, quiet
     result = {"out": str(out), "file_bytes": size, "before_bytes": before["size_bytes"],
               "after_bytes": after["size_bytes"], "file_bits_per_param": after["file_bits_per_param"], "params_before": before["params"], "params_after": after["params"],
               "macs_before": before["macs"], "macs_after": after["macs"], "bits_per_weight": after["bits_per_weight"],
-              "quantized_bits_per_weight": plan.get("bits_per_weight"), "target_bits": config.bits,
+              "quantized_bits_per_weight": plan.get("coded_bits_per_weight", plan.get("bits_per_weight")),
+              "target_bits": config.bits,
               "ratio": before["size_bytes"] / size, "preprocessing": pre.to_dict(),
               "stages": [{"name": n, **f, "seconds": round(s, 3)} for n, f, s in rows]}
     if verify:

@@ -93,7 +93,8 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
         atomic_write_json(ctx.stage_dir(ctx.stage_index, ctx.stage_name) / "quantization_plan.json",
                           {k: v for k, v in plan.items()})
     ctx.log(f"quantize ({config.method}): {summary['layers']} layers, {summary['index_bits']} index bits, "
-            f"{summary['bits_per_weight']} bits/weight quantized ({summary['model_bits_per_weight']} whole model), "
+            f"{summary['bits_per_weight']} bits/weight quantized at fixed width, {summary.get('coded_bits_per_weight')} "
+            f"entropy-coded as the artifact stores them ({summary['model_bits_per_weight']} whole model), "
             f"{summary['seconds']}s")
     return model
 

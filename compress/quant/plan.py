@@ -12,7 +12,9 @@ greedy by benefit per bit: every layer starts at the fewest bits; the upgrade (t
 the largest error drop per stored bit is taken while it fits the budget. Costs are exact stored bits
 (indices, codebooks, scales, row maps); with `coded_indices` the indices are charged the entropy-coded size the
 artifact stores them at (rANS over the data-free code's symbol counts, format.weights.stored_bits), so the budget
-counts what the file holds rather than the fixed width. A bits target is a budget for the quantizable weights only; a size
+counts what the file holds rather than the fixed width. The fit's learned indices code to other sizes than the
+data-free ones, so `reallocate_bits` re-solves the layers left after each fit (the API's option replan): the budget
+less what the fitted layers store, the planned sizes scaled by the stored-to-planned ratio so far. A bits target is a budget for the quantizable weights only; a size
 target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
 may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
 then measured too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits.

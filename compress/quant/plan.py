@@ -14,9 +14,9 @@ the largest error drop per stored bit is taken while it fits the budget. Costs a
 artifact stores them at (rANS over the data-free code's symbol counts, format.weights.stored_bits), so the budget
 counts what the file holds rather than the fixed width. The fit's learned indices code to other sizes than the
 data-free ones, so `reallocate_bits` re-solves the layers left after each fit (the API's option replan): the budget
-less what the fitted layers store, the planned sizes scaled by the stored-to-planned ratio so far. A bits target is a budget for the quantizable weights only; a size
-target counts every other parameter of the model as stored. With the float choice (a width above 8), a layer
-may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
+less what the fitted layers store, the planned sizes scaled by the stored-to-planned ratio so far. A bits target
+is a budget for the quantizable weights only; a size target counts every other parameter of the model as stored.
+With the float choice (a width above 8), a layer may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
 then measured too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits.
 The sensitivity is that of the data-free form; a learned fit cuts it far more where the calibration rows
 outnumber a layer's inputs, so the API can floor the bits of the underdetermined layers (`calibration_rows`,
@@ -24,7 +24,6 @@ outnumber a layer's inputs, so the API can floor the bits of the underdetermined
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +36,8 @@ from compress.quant.sites import Site, call_name, no_fastpath
 from compress.format.weights import decode, storage_bits, stored_bits
 from compress.quant.registry import QuantConfig, QuantMethod
 
-__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "reallocate_bits", "estimated_widths", "calibration_rows",
-           "floored_choices", "batch_size"]
+__all__ = ["output_error", "measure_sensitivity", "allocate_bits", "reallocate_bits", "estimated_widths",
+           "calibration_rows", "floored_choices", "batch_size"]
 
 
 def output_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]], metric: str = "mse") -> float:

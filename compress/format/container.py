@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
+from compress.format.coding import MAX_EXPANSION, worth_coding
 from compress.format.header import DTYPES, MAX_MANIFEST_BYTES, ArtifactError, inflate_text
 from compress.format.packing import pack_indices, packed_cols, unpack_indices
 
-__all__ = ["DATA", "MANIFEST", "INDEX_KEY", "pack_container", "unpack_container", "coding_plan", "dtype_name",
-           "stored_index_bits"]
+__all__ = ["DATA", "MANIFEST", "INDEX_KEY", "pack_container", "unpack_container", "coding_plan", "dtype_name"]
 
 DATA = "tensors"  # sorts after "manifest": the manifest comes first in the file
 MANIFEST = "manifest"
@@ -52,8 +52,6 @@ INDEX_KEY = "index"
 INDEX_VERSION = 1
 CODEC = "rans"
 F16 = "f16"  # float32 values stored as float16 (every value exactly representable)
-MAX_EXPANSION = 16  # packed bytes a coded stream may stand for, per stream byte (writer and reader agree; real
-# streams of 1-8 bit indices stay far below: b / entropy)
 MAX_TENSORS = 100_000
 MAX_DIM = 1 << 28
 DECODE_CHUNK = 1 << 20  # symbols decoded at a time (bounded temporary memory)
@@ -76,30 +74,6 @@ def _model(counts: list[int]):
 
     probabilities = np.asarray(counts, dtype=np.float64)
     return constriction.stream.model.Categorical(probabilities / probabilities.sum(), perfect=False)
-
-
-def _counts_bytes(counts: list[int]) -> int:
-    return len(json.dumps(counts)) // 2  # the counts, roughly, once zlib has them
-
-
-def _worth_coding(stream_bytes: int, counts: list[int], raw_bytes: int) -> bool:
-    """pack_container's choice: code when the stream and its counts take fewer bytes than the raw tensor."""
-    return stream_bytes + _counts_bytes(counts) < raw_bytes and raw_bytes <= MAX_EXPANSION * stream_bytes
-
-
-def stored_index_bits(symbols: torch.Tensor, bits: int, raw_bytes: int) -> int:
-    """Bits a packed index tensor of these symbols (raw_bytes packed) takes in the file, estimated without coding:
-    the rANS stream at the symbols' order-0 entropy (plus a flush word) and its counts when pack_container would
-    code it, else the raw bytes. What a size budget should charge for indices."""
-    flat = symbols.reshape(-1).long()
-    if not flat.numel():
-        return 8 * raw_bytes
-    counts = torch.bincount(flat, minlength=1 << bits)
-    p = counts[counts > 0].double() / flat.numel()
-    stream_bytes = 4 * (math.ceil(float(-(p * p.log2()).sum()) * flat.numel() / 32) + 1)
-    if _worth_coding(stream_bytes, counts.tolist(), raw_bytes):
-        return 8 * (stream_bytes + _counts_bytes(counts.tolist()))
-    return 8 * raw_bytes
 
 
 def encode_stream(packed: torch.Tensor, bits: int, cols: int) -> tuple[bytes, list[int]] | None:
@@ -206,7 +180,7 @@ def pack_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
             coded = encode_stream(tensor, bits, cols)
             if coded is not None:
                 stream, counts = coded
-                if _worth_coding(len(stream), counts, len(raw)):
+                if worth_coding(len(stream), counts, len(raw)):
                     raw = stream
                     entry[3] = len(raw)
                     entry.append({"codec": CODEC, "bits": bits, "cols": cols, "counts": counts})

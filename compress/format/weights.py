@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from compress.format.coding import stored_index_bits
 from compress.format.packing import bit_planes, pack_indices, packed_cols, unpack_indices
 
 __all__ = ["CODEBOOKS", "ROW_MAPS", "buffer_specs", "empty_buffers", "storage_bits", "stored_bits", "bits_per_weight",
@@ -133,9 +134,7 @@ def storage_bits(layout: dict[str, Any]) -> int:
 
 def stored_bits(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> int:
     """Bits these tensors take in an artifact: storage_bits with the packed indices at their entropy-coded size
-    (the container rANS-codes them when that is smaller; compress.format.container.stored_index_bits)."""
-    from compress.format.container import stored_index_bits
-
+    (the container rANS-codes them when that is smaller; compress.format.coding.stored_index_bits)."""
     fixed = storage_bits(layout)
     packed = buffers.get("packed")
     if packed is None or not packed.numel():

@@ -85,7 +85,9 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
     plan = model.quantization_plan
     summary = plan["summary"]
     ctx.model_meta[META_KEY] = without_timings(plan)  # the checkpoint and artifact must not depend on run time
-    ctx.stage_metrics.update({"quant_bits_per_weight": summary["bits_per_weight"],
+    # bits per quantized weight as the artifact stores them (indices entropy-coded): what a bits target counts
+    ctx.stage_metrics.update({"quant_bits_per_weight": summary.get("coded_bits_per_weight", summary["bits_per_weight"]),
+                              "quant_fixed_bits_per_weight": summary["bits_per_weight"],
                               "quant_index_bits": summary["index_bits"],
                               "quant_model_bits_per_weight": summary["model_bits_per_weight"],
                               "quant_layers": float(summary["layers"])})

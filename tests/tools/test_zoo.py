@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # three families keep the runner's test short (each model is a fresh process); tools/zoo.py's full list is in
-# docs/BENCHMARKS.md
+# docs/ZOO.md
 MODELS = ["torchvision:shufflenet_v2_x0_5",  # channel shuffle, split / concat
           "timm:mobilenetv3_small_050",  # depthwise + squeeze-excite
           "timm:test_vit"]  # a ViT (timm's 0.3 M-parameter test VisionTransformer: heads, LayerNorm, MLP) in seconds

@@ -266,8 +266,8 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             rest = {s.name: layer_bits[s.name] for s in ordered[i:]}
             if charged > 0:  # the layers left are expected to store, per planned bit, what the quantized ones did
                 ratio = measured / charged
-                allowed = {n: {b: {**v, "bits": v["bits"] * (ratio if b < FLOAT_BITS else 1.0)} for b, v in o.items()}
-                           for n, o in allowed.items()}
+                allowed = {n: {b: {**v, "bits": v["bits"] * (ratio if b < FLOAT_BITS else 1.0)}
+                               for b, v in allowed[n].items()} for n in rest}
             slack = total - spent - sum(allowed[n][b]["bits"] for n, b in rest.items())
             for name, new in reallocate_bits(allowed, rest, slack).items():
                 if new != layer_bits[name]:
@@ -300,9 +300,10 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                  "sensitivity": sensitivity.get(site.name, {}).get(bits, {}).get("error"),
                  "seconds": round(time.perf_counter() - t0, 3), "layout": layout}
         layers.append(entry)
-        spent += coded if config.coded_indices else storage_bits(layout)
+        cost = coded if config.coded_indices else storage_bits(layout)  # what the budget counts for this layer
+        spent += cost
         if replan is not None:
-            measured += coded if config.coded_indices else storage_bits(layout)
+            measured += cost
             charged += replan[1][site.name][bits]["bits"]
         if progress is not None:
             progress({"phase": "quantize", "layer": site.name, "index": i, "total": len(ordered), "bits": bits,

@@ -16,8 +16,9 @@ counts what the file holds rather than the fixed width. The fit's learned indice
 data-free ones, so `reallocate_bits` re-solves the layers left after each fit (the API's option replan): the budget
 less what the fitted layers store, the planned sizes scaled by the stored-to-planned ratio so far. A bits target
 is a budget for the quantizable weights only; a size target counts every other parameter of the model as stored.
-With the float choice (a width above 8), a layer may stay float, charged 32 bits a weight (the artifact stores 16: compress.quant.api.FLOAT_BITS); 8 bits are
-then measured too, since some layers (the first depthwise conv of a MobileNetV2) lose accuracy even at 8 bits.
+With the float choice (a width above 8), a layer may stay float, charged 32 bits a weight (the artifact stores
+16: compress.quant.api.FLOAT_BITS); 8 bits are then measured too, since some layers (the first depthwise conv
+of a MobileNetV2) lose accuracy even at 8 bits.
 The sensitivity is that of the data-free form; a learned fit cuts it far more where the calibration rows
 outnumber a layer's inputs, so the API can floor the bits of the underdetermined layers (`calibration_rows`,
 `floored_choices`; option underdetermined_margin).

@@ -9,6 +9,12 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: a second torch thread per worker (or per CLI subprocess) would contend for the
+    # other worker's core, and small matmuls get ~50x slower when two threads share one.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -52,3 +58,9 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the slow tests go first so that neither worker ends the run alone on a long one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -181,6 +181,7 @@ def test_quiet_run_keeps_the_table_and_the_log_file(tiny_recipe_path: Path, tmp_
     assert capsys.readouterr().out.startswith("top1="), "a stage checkpoint evaluates too"
 
 
+@pytest.mark.slow
 def test_retain_freed_memory_stops_page_faults_of_repeated_large_tensors() -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")

@@ -54,6 +54,7 @@ def test_existing_run_dir_is_refused_without_resume(tiny_recipe_path: Path, tmp_
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_kill_9_then_resume_keeps_finished_stages_byte_identical(tiny_recipe_path: Path, tmp_path: Path) -> None:
     killed, fresh = tmp_path / "killed", tmp_path / "fresh"
     cmd = [sys.executable, "-m", "compress", "run", str(tiny_recipe_path), "--set", "stages.2.finetune.epochs=3"]
@@ -85,6 +86,7 @@ def test_kill_9_then_resume_keeps_finished_stages_byte_identical(tiny_recipe_pat
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_cpu_processes_train_identical_replicas(tiny_recipe_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",

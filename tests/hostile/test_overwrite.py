@@ -170,6 +170,7 @@ def test_shrink_that_gives_nan_leaves_no_artifact(corpus, capsys, tmp_path) -> N
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_runs_on_one_out_at_once(capsys, tmp_path) -> None:
     """A real second process: the first holds the lock while it trains; the second fails at once naming it."""
     import signal

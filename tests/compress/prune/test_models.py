@@ -95,6 +95,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path: Path) -> None:
     spec = "compress:yolo-n"
     model = _build(spec)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bench_quant_benchmarks_a_stage_of_a_run_dir(tiny_recipe_path: Path, tmp_path: Path) -> None:
     from compress.pipeline import run
 

@@ -70,6 +70,7 @@ def test_unlabelled_data_is_refused_with_the_reason(tmp_path: Path, capsys: pyte
     assert code == 2 and "no labels" in err and "issue 11" in err
 
 
+@pytest.mark.slow
 def test_sweep_writes_points_report_and_resumes(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     import compress.shrink.run as shrink_run
@@ -135,6 +136,7 @@ def test_sweep_writes_points_report_and_resumes(tmp_path: Path, one_thread: None
     assert calls == [("rtn", 4, 0), ("rtn", 4, 0.3)]
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Path) -> None:
     """The real thing: `compress sweep` killed with SIGKILL after its first points, then run again."""
     import os

@@ -86,7 +86,7 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
     summary = plan["summary"]
     ctx.model_meta[META_KEY] = without_timings(plan)  # the checkpoint and artifact must not depend on run time
     # bits per quantized weight as the artifact stores them (indices entropy-coded): what a bits target counts
-    ctx.stage_metrics.update({"quant_bits_per_weight": summary.get("coded_bits_per_weight", summary["bits_per_weight"]),
+    ctx.stage_metrics.update({"quant_bits_per_weight": summary["coded_bits_per_weight"],
                               "quant_fixed_bits_per_weight": summary["bits_per_weight"],
                               "quant_index_bits": summary["index_bits"],
                               "quant_model_bits_per_weight": summary["model_bits_per_weight"],
@@ -95,7 +95,7 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
         atomic_write_json(ctx.stage_dir(ctx.stage_index, ctx.stage_name) / "quantization_plan.json",
                           {k: v for k, v in plan.items()})
     ctx.log(f"quantize ({config.method}): {summary['layers']} layers, {summary['index_bits']} index bits, "
-            f"{summary['bits_per_weight']} bits/weight quantized at fixed width, {summary.get('coded_bits_per_weight')} "
+            f"{summary['bits_per_weight']} bits/weight quantized at fixed width, {summary['coded_bits_per_weight']} "
             f"entropy-coded as the artifact stores them ({summary['model_bits_per_weight']} whole model), "
             f"{summary['seconds']}s")
     return model

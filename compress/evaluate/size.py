@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 
 def count_params(model: nn.Module) -> int:
@@ -41,6 +40,8 @@ def _count_compact_like_base(model: nn.Module) -> None:
     quantized layer: a subclass of its stock class with `_quant_base`) the hook of its stock class, right
     before counting, so MACs never depend on when the class was made or registered. Those hooks read the
     module's size attributes and output shape only, never its (decoded) weight."""
+    import torch_pruning as tp  # here, not at import: torch-pruning brings timm and torchvision (seconds)
+
     mapping = tp.utils.op_counter.MODULES_MAPPING
     for module in model.modules():
         cls = type(module)
@@ -53,6 +54,8 @@ def _count_compact_like_base(model: nn.Module) -> None:
 def count_macs(model: nn.Module, example_input: Any) -> int:
     """Multiply-accumulates of one forward pass on `example_input` (torch-pruning's counter); a quantized
     layer counts like its stock layer of the same shape."""
+    import torch_pruning as tp
+
     _count_compact_like_base(model)
     was_training = model.training
     model.eval()

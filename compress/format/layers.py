@@ -121,6 +121,8 @@ class QuantizedWeight:
         layout = self.quant_layout
         if layout["format"] != "codebook":
             return f"the '{layout['format']}' format has no kernel (the kernels take the 'codebook' format)"
+        if layout.get("column_scale", False):
+            return "column scales (the kernels decode rows of codebook entries only)"
         if self._dense_dtype not in KERNEL_DTYPES:
             return f"a {self._dense_dtype} weight (the kernels write float16, bfloat16 and float32)"
         return None

@@ -209,6 +209,8 @@ def _check_layout(layout: Any, where: str, at: str) -> dict[str, Any]:
         for flag in ("scale", "offset"):
             if not isinstance(layout.get(flag), bool):
                 raise _fail(where, f"{at}.{flag} must be true or false")
+        if not isinstance(layout.get("column_scale", False), bool):
+            raise _fail(where, f"{at}.column_scale must be true or false")
     else:
         raise _fail(where, f"{at}.format must be 'codebook' or 'nf4' (got {_show(fmt)})")
     return layout

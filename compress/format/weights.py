@@ -118,6 +118,8 @@ def buffer_specs(layout: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], tor
         specs["order"] = ((rows,), _order_dtype(rows))
     elif groups not in (1, rows):
         raise ValueError(f"row_map 'none' needs 1 or {rows} groups (got {groups})")
+    if layout.get("column_scale", False):  # absent in artifacts written before it existed
+        specs["column_scale"] = ((cols,), torch.float16)
     return specs
 
 
@@ -216,18 +218,22 @@ def decode(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> torch.Te
         w = w * buffers["scale"].float()[g][:, None]
     if layout["offset"]:
         w = w + buffers["offset"].float()[g][:, None]
+    if layout.get("column_scale", False):
+        w = w * buffers["column_scale"].float()[None, :]
     return w.reshape(layout["shape"])
 
 
 def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torch.Tensor, groups: torch.Tensor,
                     num_groups: int, codebook: torch.Tensor | None = None, kind: str = "per-group",
                     scale: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    row_map: str = "group-ids", order: torch.Tensor | None = None) -> Stored:
+                    row_map: str = "group-ids", order: torch.Tensor | None = None,
+                    column_scale: torch.Tensor | None = None) -> Stored:
     """Layout and tensors of a codebook-quantized weight.
 
     indices: integer [R, C] < 2^bits; groups: int [R] in [0, num_groups); codebook: [G, 2^b] ("per-group")
     or [2^b] / [1, 2^b] ("shared") or None ("grid"); scale, offset: [G] or None; order: the row permutation
-    (needed for row_map "order"; rows must then be grouped by their position in it).
+    (needed for row_map "order"; rows must then be grouped by their position in it); column_scale: [C] or None,
+    a factor on every column of the decoded matrix (activation-aware scales, see compress.quant.jlcm).
     """
     rows, cols = matrix_shape(shape)
     if kind not in CODEBOOKS:
@@ -238,6 +244,11 @@ def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torc
     layout = {"format": "codebook", "shape": [int(s) for s in shape], "bits": int(bits), "groups": int(num_groups),
               "codebook": kind, "scale": scale is not None, "offset": offset is not None, "row_map": row_map,
               "packing": packing}
+    if column_scale is not None:
+        layout["column_scale"] = True
+        buffers_extra = {"column_scale": column_scale.detach().reshape(cols).to(torch.float16).contiguous()}
+    else:
+        buffers_extra = {}
     buffers = {"packed": _pack(indices.reshape(rows, cols).to(torch.uint8), bits, packing)}
     if kind != "grid":
         cb = codebook.detach().reshape(-1 if kind == "per-group" else 1, 1 << bits)
@@ -252,6 +263,7 @@ def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torc
         if order is None:
             raise ValueError("row_map 'order' needs the row order")
         buffers["order"] = order.to(_order_dtype(rows))
+    buffers.update(buffers_extra)
     specs = buffer_specs(layout)
     for name, tensor in buffers.items():
         if tuple(tensor.shape) != specs[name][0]:

@@ -189,6 +189,8 @@ def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor
     if layout["format"] != "codebook":
         raise ValueError(f"no kernel for the '{layout['format']}' format (kernels: codebook); "
                          "decode it with compress.format.weights.decode")
+    if layout.get("column_scale", False):
+        raise ValueError("no kernel for a layout with column scales; decode it with compress.format.weights.decode")
     rows, cols = matrix_shape(layout["shape"])
     bits, kind = layout["bits"], layout["codebook"]
     packed = buffers["packed"]

@@ -35,7 +35,7 @@ from compress.quant.kmeans import kmeans_1d_widths
 from compress.quant.registry import Encoded, QuantConfig, register_method
 from compress.quant.stats import LayerStats
 
-__all__ = ["JLCMConfig", "row_statistic", "group_rows", "nearest_rows", "proximal_step", "jlcm_learn",
+__all__ = ["JLCMConfig", "activation_column_scales", "row_statistic", "group_rows", "nearest_rows", "proximal_step", "jlcm_learn",
            "refit_codebooks", "quantize_jlcm"]
 
 
@@ -82,6 +82,9 @@ class JLCMConfig(QuantConfig):
                                               "the weights down: longer learning fits the calibration noise)")
     damp: float = Field(0.01, ge=0, description="ridge toward the float weights: lambda = damp * mean diag of the "
                         "input second moment (guards against few calibration samples)")
+    column_scale: float = Field(0.0, ge=0, le=1, description="activation-aware column scales (AWQ's idea on codebooks): "
+                                "quantize W * s with s_j = rms(x_j)^column_scale and store 1/s per column (16 bits a "
+                                "column), so columns with large inputs get finer codebook steps; 0: off")
 
     init_points: int = Field(256, ge=8, description="k-means init: exact on an equal-count summary of this many "
                              "points per group, then Lloyd steps on all values")
@@ -508,6 +511,10 @@ def quantize_jlcm_widths(weight: torch.Tensor, widths: list[int], config: JLCMCo
         return out
     rows, cols = matrix_shape(weight.shape)
     w = weight.detach().float().reshape(rows, cols)
+    column_scale = None
+    if stats is not None and config.column_scale > 0:
+        column_scale, scale = activation_column_scales(stats, config.column_scale)
+        w, stats = w * scale[None, :], stats.scaled_columns(scale)
     groups = min(config.groups, rows)
     row_group, order = group_rows(row_statistic(w, config.statistic), groups)
     col_w = column_weights(stats, rows) if config.init_weighting == "hessian" else None
@@ -531,13 +538,25 @@ def quantize_jlcm_widths(weight: torch.Tensor, widths: list[int], config: JLCMCo
             tables = torch.stack([by_k[k] for by_k in group_tables])
             row_tables = tables[row_group]
         out[bits] = _learn_and_encode(weight, w, stats, bits, config, tables, row_tables, row_group, order, unit,
-                                      groups, shared)
+                                      groups, shared, column_scale)
     return out
+
+
+def activation_column_scales(stats: LayerStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, scale): scale_j = rms(x_j)^alpha over the calibration inputs (geometric mean 1), and the float16
+    factor 1 / scale_j the artifact stores per column; `scale` is recomputed from the stored factor so that the
+    weight learned for W * scale decodes exactly."""
+    diag = torch.diagonal(stats.H, dim1=1, dim2=2).mean(0).double()  # [C] E[x_j^2]
+    diag = diag.clamp_min(float(diag.max()) * 1e-8 + 1e-30)
+    log_s = 0.5 * alpha * diag.log()
+    stored = torch.exp(-(log_s - log_s.mean())).clamp(1e-4, 6e4).to(torch.float16)
+    return stored, 1.0 / stored.float()
 
 
 def _learn_and_encode(weight: torch.Tensor, w: torch.Tensor, stats: LayerStats | None, bits: int, config: JLCMConfig,
                       tables: torch.Tensor, row_tables: torch.Tensor, row_group: torch.Tensor, order: torch.Tensor,
-                      unit: torch.Tensor, groups: int, shared: bool) -> Encoded:
+                      unit: torch.Tensor, groups: int, shared: bool,
+                      column_scale: torch.Tensor | None = None) -> Encoded:
     """From the k-means init: nearest mapping, joint learning on `stats` (if any), then the stored layout."""
     rows = w.shape[0]
     idx = nearest_rows(w, row_tables)
@@ -556,7 +575,8 @@ def _learn_and_encode(weight: torch.Tensor, w: torch.Tensor, stats: LayerStats |
         scales = scales[row_group] if scales is not None else None
         row_group = torch.arange(rows, device=w.device)
     return encode_codebook(weight.shape, bits, idx, row_group, groups, tables if not shared else tables[0],
-                           kind="shared" if shared else "per-group", scale=scales, row_map=row_map, order=order)
+                           kind="shared" if shared else "per-group", scale=scales, row_map=row_map, order=order,
+                           column_scale=column_scale)
 
 
 @register_method("jlcm", JLCMConfig, widths=quantize_jlcm_widths)

@@ -120,6 +120,16 @@ class LayerStats:
         return LayerStats(self.H + add, None, None, self.samples, self.weight, self.P + extra,
                           self.energy + (self.weight * extra).sum())
 
+    def scaled_columns(self, scale: torch.Tensor) -> LayerStats:
+        """The moments of the inputs x / scale ([C], > 0), for the weight W * scale: every loss is unchanged for a
+        weight W^ scored here as W^ / scale there (activation-aware column scales, compress.quant.jlcm)."""
+        inv = 1.0 / scale.to(self.H)
+        both = inv[None, :, None] * inv[None, None, :]
+        times = lambda t: None if t is None else t * both  # noqa: E731
+        weight = None if self.weight is None else self.weight * scale.to(self.weight)[None, :]
+        target = None if self.P is None else self.P * inv[None, :]
+        return LayerStats(self.H * both, times(self.M), times(self.F), self.samples, weight, target, self.energy)
+
     def expand(self, groups: int) -> LayerStats:
         """The same moments for `groups` input groups (e.g. one input feeding query, key and value rows)."""
         if self.H.shape[0] == groups:

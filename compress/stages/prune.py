@@ -7,10 +7,8 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from compress.prune.config import PruneConfig
-from compress.prune.core import prune_model
 from compress.format.prune_manifest import merge_manifests
 from compress.format.restorers import PRUNE_META_KEY
-from compress.prune.baselines import uniform_magnitude_prune
 from compress.models.protocol import example_batch
 from compress.stages.spec import StageSpec
 
@@ -20,6 +18,10 @@ if TYPE_CHECKING:
 
 def prune(model: nn.Module, config: PruneConfig, ctx: RunContext) -> nn.Module:
     """Group channel pruning; the manifest goes to `ctx.model_meta["prune"]` (merged with earlier prunes)."""
+    # imported here: torch-pruning (with timm and torchvision) takes seconds, which a recipe check or --help need not wait
+    from compress.prune.baselines import uniform_magnitude_prune
+    from compress.prune.core import prune_model
+
     example = example_batch(model, ctx.recipe.image_size)
     if config.method == "uniform":
         result = uniform_magnitude_prune(model, example, config.target, scope=config, log=ctx.log)

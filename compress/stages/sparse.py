@@ -8,7 +8,6 @@ import torch.nn as nn
 from pydantic import Field
 
 from compress.prune.config import ScopeConfig
-from compress.prune.core import analyze_scope
 from compress.models.protocol import example_batch
 from compress.sparse.hook import SparseHook
 from compress.stages.spec import StageSpec
@@ -31,6 +30,8 @@ class SparseConfig(TrainConfig, ScopeConfig):
 
 
 def sparse(model: nn.Module, config: SparseConfig, ctx: RunContext) -> nn.Module:
+    from compress.prune.core import analyze_scope  # torch-pruning: imported when a stage runs (see stages/prune.py)
+
     probe = copy.deepcopy(model)  # the analysis traces and sets eval mode; keep the trained model untouched
     analysis = analyze_scope(probe, example_batch(probe, ctx.recipe.image_size), config)
     channels = analysis.gamma_channels()

@@ -42,7 +42,9 @@ def test_nothing_below_the_stages_imports_stages_runner_or_recipe() -> None:
 
 def test_load_imports_no_training_code_and_reads_an_old_artifact() -> None:
     """In a fresh interpreter, `compress.load` of an artifact written before the read side moved to
-    `compress.format` imports none of the training / pruning / plotting stack and gives the outputs it gave then."""
+    `compress.format` imports none of the training / pruning / plotting stack and gives the outputs it gave then;
+    the CLI, the pipeline and the stage registry (what a recipe check or --help needs) import no torch-pruning,
+    timm or torchvision (seconds of start-up) until a stage runs."""
     expected = json.loads((OLD_ARTIFACT.parent / "digits_cls_v1_outputs.json").read_text())
     code = (
         "import json, sys, torch, compress\n"
@@ -51,13 +53,15 @@ def test_load_imports_no_training_code_and_reads_an_old_artifact() -> None:
         "with torch.no_grad():\n"
         "    y = model(torch.rand(2, 3, 32, 32))\n"
         f"heavy = [n for n in {HEAVY!r} if n in sys.modules]\n"
-        "print(json.dumps({'heavy': heavy, 'logits': y.tolist()}))\n"
+        "import compress.cli, compress.pipeline, compress.stages, compress.prune\n"
+        "cli = [n for n in ('torch_pruning', 'timm', 'torchvision') if n in sys.modules]\n"
+        "print(json.dumps({'heavy': heavy, 'cli': cli, 'logits': y.tolist()}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == []
+    assert result["heavy"] == [] and result["cli"] == []
     import torch
 
     assert torch.allclose(torch.tensor(result["logits"]), torch.tensor(expected["logits"]), rtol=0, atol=1e-6)

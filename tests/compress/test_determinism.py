@@ -25,7 +25,7 @@ stages:
   - sparse: {epochs: 1, lr: 1.0e-2, warmup_epochs: 0, sparsity_rate: 1.0e-2}
   - prune: {target: {params: 0.5}}
   - distill: {epochs: 1, lr: 1.0e-3, warmup_epochs: 0}
-  - quantize: {method: jlcm, bits: 2.0}
+  - quantize: {method: jlcm, bits: 2.0, calib_steps: 40}
   - export: {}
 """
 

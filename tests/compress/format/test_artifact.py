@@ -329,3 +329,22 @@ def _retype_manifest(raw: bytes, start: int) -> bytes:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + raw[start:]
+
+
+def test_column_scaled_layers_round_trip(tmp_path: Path) -> None:
+    import compress.quant as cq
+
+    torch.manual_seed(0)
+    model = build_model("compress:digits-cnn", num_classes=10).eval()
+    batches = [torch.rand(8, 3, 32, 32) for _ in range(2)]
+    q = cq.quantize(model, batches, method="jlcm", bits=3, allocation="uniform", column_scale=0.5, calib_steps=5)
+    layouts = [e["layout"] for e in q.quantization_plan["layers"]]
+    assert layouts and all(layout.get("column_scale") for layout in layouts)
+    path = tmp_path / "scaled.safetensors"
+    from compress.format.restorers import QUANT_META_KEY, artifact_plan
+
+    meta = {QUANT_META_KEY: artifact_plan(q.quantization_plan)}
+    write_artifact(path, q, {"model": SPEC, "model_meta": meta, "task": "classification"})
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(path)(x), q(x))

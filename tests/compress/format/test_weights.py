@@ -79,3 +79,22 @@ def test_nf4_decodes_like_bitsandbytes_on_cpu() -> None:
     assert bits_per_weight(layout) == pytest.approx(4.5)
     layout, _ = encode_nf4(torch.randn(256, 256), 64, True)
     assert bits_per_weight(layout) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / 65536, abs=1e-6)
+
+
+def test_column_scales_multiply_decoded_columns_and_are_counted() -> None:
+    idx = torch.randint(0, 4, (4, 18), generator=torch.Generator().manual_seed(0))
+    codebook = torch.sort(torch.randn(2, 4), dim=1).values
+    groups = torch.tensor([0, 1, 0, 1])
+    plain = encode_codebook((4, 2, 3, 3), 2, idx, groups, 2, codebook)
+    column_scale = torch.rand(18) + 0.5
+    scaled = encode_codebook((4, 2, 3, 3), 2, idx, groups, 2, codebook, column_scale=column_scale)
+    assert "column_scale" not in plain[0] and scaled[0]["column_scale"] is True
+    factor = column_scale.half().float()  # stored as float16
+    assert torch.equal(decode(*scaled).reshape(4, 18), decode(*plain).reshape(4, 18) * factor)
+    assert storage_bits(scaled[0]) == storage_bits(plain[0]) + 18 * 16
+    conv = nn.Conv2d(2, 4, 3, bias=False)
+    attach_quantized(conv, *scaled)
+    fresh = attach_quantized(nn.Conv2d(2, 4, 3, bias=False), scaled[0])  # a restorer's empty buffers
+    fresh.load_state_dict(conv.state_dict())
+    assert torch.equal(fresh.weight, decode(*scaled))
+    assert fresh.kernel_fallback_reason() is not None, "the kernels do not apply column scales: torch decodes"

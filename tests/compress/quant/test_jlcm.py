@@ -166,3 +166,15 @@ def test_underdetermined_layers_learn_for_fewer_steps(monkeypatch: pytest.Monkey
         for scale in (True, False):
             quantize_jlcm(w, stats, 2, JLCMConfig(calib_steps=40, scale_underdetermined_steps=scale))
     assert steps == [10, 40, 40, 40], "16 rows for 64 inputs: a quarter of the steps; 256 rows: all of them"
+
+
+def test_column_scales_follow_the_input_energy_and_decode_what_was_learned() -> None:
+    w, stats = _layer()
+    layout, buffers = quantize_jlcm(w, stats, 2, JLCMConfig(bits=2, calib_steps=50, column_scale=0.5))
+    factor = buffers["column_scale"].float()  # 1 / s, s = rms(x)^0.5 over the columns, geometric mean 1
+    rms = torch.diagonal(stats.H[0]).sqrt()
+    product = factor * rms.pow(0.5)
+    assert torch.allclose(product, product.mean().expand_as(product), rtol=2e-3), "one constant: the normalisation"
+    assert factor.log().mean().abs() < 1e-2
+    scaled = _error((layout, buffers), w, stats)
+    assert scaled < _error(encode_kmeans(w, 2), w, stats), "learned on the scaled columns, scored on the real ones"

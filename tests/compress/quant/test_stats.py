@@ -37,3 +37,13 @@ def test_full_moments_kept_where_cheaper() -> None:
     assert LayerStats.zeros(1, 4, weight=torch.randn(8, 4)).M is not None
     assert LayerStats.zeros(2, 4, weight=torch.randn(8, 4)).M is not None
     assert LayerStats.zeros(2, 4, weight=torch.randn(6, 4)).M is None
+
+
+def test_scaled_columns_leave_every_loss_unchanged() -> None:
+    # moments of x / s scored for W * s: the same loss as the original moments for W (both forms)
+    for full, kept, w in (_both(1, 4, 6), _both(2, 6, 4)):
+        s = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(2)) * 3 + 0.2
+        wq = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+        for stats in (full, kept):
+            scaled = stats.scaled_columns(s)
+            assert torch.allclose(quadratic_loss(wq * s, w * s, scaled), quadratic_loss(wq, w, stats), rtol=1e-4)

@@ -150,7 +150,7 @@ def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "compress", "sweep", "none", "--model", "compress:digits-cnn", "--data",
                "digits:val", "--calib", "digits", "--calib-samples", "16", "--methods", "rtn", "kmeans", "--bits",
-               "1", "2", "3", "4", "-o", str(out)]
+               "2", "4", "-o", str(out)]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and first.poll() is None:
@@ -161,7 +161,7 @@ def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Pat
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     finished = {p.stem for p in (out / "points").glob("*.json")}
-    assert 2 <= len(finished) < 8
+    assert 2 <= len(finished) < 4
     before = {name: (out / "points" / f"{name}.safetensors").stat().st_mtime_ns for name in finished}
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -171,7 +171,7 @@ def test_kill_9_then_rerun_resumes_without_redoing_finished_points(tmp_path: Pat
     for name, mtime in before.items():
         assert (out / "points" / f"{name}.safetensors").stat().st_mtime_ns == mtime, f"{name} was redone"
     data = json.loads((out / "sweep.json").read_text())
-    assert [p["status"] for p in data["points"]] == ["done"] * 8
+    assert [p["status"] for p in data["points"]] == ["done"] * 4
 
 
 def test_a_recipe_gives_the_base_of_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

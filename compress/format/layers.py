@@ -103,7 +103,12 @@ class QuantizedWeight:
         tensor changes."""
         device = getattr(self, f"{self._quant_attr}_packed").device
         if self._kernels_apply(device):
-            w = kernels.dequantize(**self.kernel_args(), dtype=self._dense_dtype, backend="triton")
+            column_scale = self.column_scale()
+            if column_scale is None:
+                w = kernels.dequantize(**self.kernel_args(), dtype=self._dense_dtype, backend="triton")
+            else:  # decoded in float32 and scaled as formats.decode does, then rounded once
+                w = kernels.dequantize(**self.kernel_args(), dtype=torch.float32, backend="triton")
+                w = (w * column_scale.float()[None, :]).to(self._dense_dtype)
             return w.reshape(self.quant_layout["shape"])
         return self._cached("_dense_cache", (device, self._dense_dtype),
                             lambda buffers: decode(self.quant_layout, buffers).to(self._dense_dtype),
@@ -114,15 +119,17 @@ class QuantizedWeight:
         codebooks with scale and offset folded in, a group per row), cached until a stored tensor changes.
         Raises ValueError for a layout the kernels do not take (see `kernel_fallback_reason`)."""
         return self._cached("_kernel_cache", None,
-                            lambda buffers: kernels.codebook_kernel_args(self.quant_layout, buffers), keep=True)
+                            lambda buffers: kernels.codebook_kernel_args(self.quant_layout, buffers, True), keep=True)
+
+    def column_scale(self) -> torch.Tensor | None:
+        """The stored factor of every column of the decoded matrix (float16 [cols]), None when the layout has none."""
+        return getattr(self, f"{self._quant_attr}_column_scale") if self.quant_layout.get("column_scale") else None
 
     def kernel_fallback_reason(self) -> str | None:
         """Why the Triton kernels cannot decode this weight (None: they can)."""
         layout = self.quant_layout
         if layout["format"] != "codebook":
             return f"the '{layout['format']}' format has no kernel (the kernels take the 'codebook' format)"
-        if layout.get("column_scale", False):
-            return "column scales (the kernels decode rows of codebook entries only)"
         if self._dense_dtype not in KERNEL_DTYPES:
             return f"a {self._dense_dtype} weight (the kernels write float16, bfloat16 and float32)"
         return None
@@ -202,6 +209,9 @@ def _quant_linear_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
     if (own_weight and input.dtype == self._dense_dtype and input.device == device
             and kernels.fused_applies(input, FUSED_MAX_TOKENS) and not _autocast_on(input)
             and self._kernels_apply(device)):
+        column_scale = self.column_scale()
+        if column_scale is not None:  # x . (q * s) = (x * s) . q
+            input = input * column_scale.to(input.dtype)
         return kernels.fused_linear(input, **self.kernel_args(), bias=self.bias)
     return F.linear(input, self.weight, self.bias)
 

@@ -177,7 +177,8 @@ def fused_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
     return y.reshape(*lead, rows)
 
 
-def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
+def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor],
+                         column_scale_by_caller: bool = False) -> dict[str, Any]:
     """Arguments of `dequantize` / `quantized_linear` for a "codebook" layout of `compress.format.weights`.
 
     Returns {packed, codebooks, bits, cols, groups}: codebooks are the stored fp16 ones when the layout has
@@ -185,12 +186,15 @@ def codebook_kernel_args(layout: dict[str, Any], buffers: dict[str, torch.Tensor
     same fp32 arithmetic as `formats.decode`, so results match it exactly); groups is int32 [rows] from the
     row map, or None when every row reads codebook 0 or row r reads codebook r. Small tensor ops only: cache
     the result while the buffers do not change. The matrix is [rows, cols]; reshape to layout["shape"].
+    A layout with column scales (`buffers["column_scale"]`, a factor per column) is taken only when the caller
+    applies them (`column_scale_by_caller`: on the decoded columns, or on the input of a fused linear).
     """
     if layout["format"] != "codebook":
         raise ValueError(f"no kernel for the '{layout['format']}' format (kernels: codebook); "
                          "decode it with compress.format.weights.decode")
-    if layout.get("column_scale", False):
-        raise ValueError("no kernel for a layout with column scales; decode it with compress.format.weights.decode")
+    if layout.get("column_scale", False) and not column_scale_by_caller:
+        raise ValueError("the kernels do not apply column scales: pass column_scale_by_caller=True and multiply "
+                         "the decoded columns (or the fused linear's input) by buffers['column_scale']")
     rows, cols = matrix_shape(layout["shape"])
     bits, kind = layout["bits"], layout["codebook"]
     packed = buffers["packed"]

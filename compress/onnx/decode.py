@@ -190,4 +190,6 @@ def decode_traceable(layout: dict[str, Any], buffers: dict[str, torch.Tensor], b
         w = w * _per_group(buffers["scale"], g, groups)
     if layout["offset"]:
         w = w + _per_group(buffers["offset"], g, groups)
+    if layout.get("column_scale", False):
+        w = w * buffers["column_scale"].to(torch.float32)[None, :]
     return w.reshape(layout["shape"])

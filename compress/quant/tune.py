@@ -56,6 +56,8 @@ class _CodebookWeight(nn.Module):
         self.codebook = nn.Parameter(buffers["codebook"].float().clone())
         self.register_buffer("row_scale", buffers["scale"].float()[self.groups][:, None] if layout["scale"] else None)
         self.register_buffer("row_offset", buffers["offset"].float()[self.groups][:, None] if layout["offset"] else None)
+        self.register_buffer("column_scale", buffers["column_scale"].float()[None, :]
+                             if layout.get("column_scale", False) else None)
         self.shared = shared
 
     def forward(self, _dense: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,8 @@ class _CodebookWeight(nn.Module):
             w = w * self.row_scale
         if self.row_offset is not None:
             w = w + self.row_offset
+        if self.column_scale is not None:
+            w = w * self.column_scale
         return w.reshape(self.shape)
 
 

@@ -97,4 +97,4 @@ def test_column_scales_multiply_decoded_columns_and_are_counted() -> None:
     fresh = attach_quantized(nn.Conv2d(2, 4, 3, bias=False), scaled[0])  # a restorer's empty buffers
     fresh.load_state_dict(conv.state_dict())
     assert torch.equal(fresh.weight, decode(*scaled))
-    assert fresh.kernel_fallback_reason() is not None, "the kernels do not apply column scales: torch decodes"
+    assert fresh.kernel_fallback_reason() is None, "the layer applies the scales around the kernels"

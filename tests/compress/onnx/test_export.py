@@ -53,6 +53,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("codebook", {"bits": 5, "kind": "shared", "groups": 2, "row_map": "order", "offset": True}),
     ("codebook", {"bits": 6, "kind": "per-group", "groups": 2, "row_map": "group-ids"}),
     ("codebook", {"bits": 7, "kind": "grid", "groups": 1, "row_map": "none", "scale": True}),
+    ("codebook", {"bits": 3, "kind": "per-group", "groups": 3, "row_map": "group-ids", "column_scale": True}),
 ]
 
 
@@ -94,8 +95,9 @@ def _stored(shape: tuple[int, ...], variant: tuple[str, dict[str, Any]], gen: to
     scale = scale if opts.get("scale") else None
     offset = offset if opts.get("offset") else None
     order = torch.randperm(rows, generator=gen) if opts["row_map"] == "order" else None
+    column_scale = torch.rand(cols, generator=gen) + 0.5 if opts.get("column_scale") else None
     return encode_codebook(shape, bits, idx, row_group, groups, codebook, opts["kind"], scale, offset,
-                           opts["row_map"], order)
+                           opts["row_map"], order, column_scale)
 
 
 def _quantize_randomly(model: nn.Module, seed: int = 0, skip: int = 0) -> dict[str, Any]:

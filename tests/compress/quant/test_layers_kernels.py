@@ -36,19 +36,20 @@ interpreter = pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERP
                                  reason="runs the Triton kernels in triton's interpreter: needs triton and "
                                         "TRITON_INTERPRET=1")
 
-# layouts of formats.encode_codebook: (codebook kind, row map, groups (0: one per row), scale, offset)
-LAYOUTS = {"per-group": ("per-group", "group-ids", 3, False, False),
-           "order": ("per-group", "order", 2, False, False),
-           "per-row": ("per-group", "none", 0, False, False),
-           "grid": ("grid", "none", 0, True, True),  # per-row affine int-b (rtn)
-           "shared": ("shared", "none", 1, True, False)}
+# layouts of formats.encode_codebook: (codebook kind, row map, groups (0: one per row), scale, offset, column scales)
+LAYOUTS = {"per-group": ("per-group", "group-ids", 3, False, False, False),
+           "order": ("per-group", "order", 2, False, False, False),
+           "per-row": ("per-group", "none", 0, False, False, False),
+           "grid": ("grid", "none", 0, True, True, False),  # per-row affine int-b (rtn)
+           "shared": ("shared", "none", 1, True, False, False),
+           "columns": ("per-group", "group-ids", 3, False, False, True)}  # JLCM's activation-aware column scales
 
 
 def quantize(module: nn.Module, bits: int, layout: str = "per-group", attr: str = "weight", seed: int = 0) -> nn.Module:
     """Give `module.<attr>` a random stored form of `layout` at `bits` (on the module's device and dtype)."""
     weight = getattr(module, attr)
     rows, cols = matrix_shape(weight.shape)
-    kind, row_map, num_groups, with_scale, with_offset = LAYOUTS[layout]
+    kind, row_map, num_groups, with_scale, with_offset, with_columns = LAYOUTS[layout]
     num_groups = num_groups or rows
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, 1 << bits, (rows, cols), generator=gen)
@@ -62,8 +63,9 @@ def quantize(module: nn.Module, bits: int, layout: str = "per-group", attr: str 
         torch.randn(num_groups if kind == "per-group" else 1, 1 << bits, generator=gen) * 0.5
     scale = (torch.rand(num_groups, generator=gen) + 0.5) / (1 << bits) if with_scale else None
     offset = torch.randn(num_groups, generator=gen) * 0.1 if with_offset else None
+    column_scale = torch.rand(cols, generator=gen) + 0.5 if with_columns else None
     stored, buffers = encode_codebook(weight.shape, bits, idx, groups, num_groups, codebook, kind, scale, offset,
-                                      row_map, order)
+                                      row_map, order, column_scale)
     return attach_quantized(module, stored, {k: v.to(weight.device) for k, v in buffers.items()}, attr)
 
 

@@ -19,6 +19,10 @@ The paper's code is not public; what follows is our reading [open], step by step
    weights, nearest codeword, jumps of any size) and `mapping="frozen"` learns codebooks only.
 4. Finally (per-group codebooks) the codebooks are refitted in closed form for the final mapping (least
    squares, K x K per group) when that lowers the loss, and the best state seen is kept.
+Not in the paper: activation-aware column scales (`column_scale` = alpha > 0; AWQ's idea, Lin et al. 2024, on
+codebooks). Steps 1-4 run on W * s with the moments of x / s (the same loss), s_j = rms(x_j)^alpha (geometric
+mean 1), and the artifact stores 1 / s per column (float16), so each column reads its codebook at its own scale:
+columns with large inputs get finer steps. It spends 16 bits a column.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,8 +32,9 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(3)]
 
 
-def _quantized(net: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    return cq.quantize(copy.deepcopy(net), batches, "jlcm", bits=1, allocation="uniform", calib_steps=5)
+def _quantized(net: nn.Module, batches: list[torch.Tensor], column_scale: float = 0.0) -> nn.Module:
+    return cq.quantize(copy.deepcopy(net), batches, "jlcm", bits=1, allocation="uniform", calib_steps=5,
+                       column_scale=column_scale)
 
 
 def _loss(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]) -> float:
@@ -40,9 +42,11 @@ def _loss(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]) -
         return sum(float(output_loss([model(b)], [reference(b)])) for b in batches) / len(batches)
 
 
-def test_tuning_lowers_the_calibration_loss_and_keeps_the_mapping() -> None:
+@pytest.mark.parametrize("column_scale", [0.0, 0.5])
+def test_tuning_lowers_the_calibration_loss_and_keeps_the_mapping(column_scale: float) -> None:
     net, batches = _net(), _batches()
-    model = _quantized(net, batches)
+    model = _quantized(net, batches, column_scale)
+    assert all(bool(m.quant_layout.get("column_scale")) == (column_scale > 0) for m in quantized_modules(model).values())
     before = {n: {k: v.clone() for k, v in m.quant_buffers().items()} for n, m in quantized_modules(model).items()}
     result = tune_codebooks(net, model, batches, steps=40, lr=1e-2)
     assert result["kept"] and result["loss_after"] < result["loss_before"]
@@ -83,3 +87,15 @@ def test_quantize_option_tune_steps_records_the_tuning() -> None:
     assert any(not torch.equal(a.bias, b.bias) for a, b in zip(norms, [m for m in plain.modules()
                                                                      if isinstance(m, nn.BatchNorm2d)]))
     assert _quantized(net, batches).quantization_plan["summary"]["tuning"] is None
+
+
+def test_the_trainable_decoder_gives_the_stored_weight() -> None:
+    from compress.format.weights import decode
+    from compress.quant.tune import _CodebookWeight
+
+    net, batches = _net(), _batches()
+    for column_scale in (0.0, 0.5):
+        for module in quantized_modules(_quantized(net, batches, column_scale)).values():
+            buffers = module.quant_buffers()
+            got = _CodebookWeight(module.quant_layout, buffers)(None)
+            assert torch.allclose(got, decode(module.quant_layout, buffers), rtol=1e-6, atol=1e-7)

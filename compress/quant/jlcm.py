@@ -22,7 +22,9 @@ The paper's code is not public; what follows is our reading [open], step by step
 Not in the paper: activation-aware column scales (`column_scale` = alpha > 0; AWQ's idea, Lin et al. 2024, on
 codebooks). Steps 1-4 run on W * s with the moments of x / s (the same loss), s_j = rms(x_j)^alpha (geometric
 mean 1), and the artifact stores 1 / s per column (float16), so each column reads its codebook at its own scale:
-columns with large inputs get finer steps. It spends 16 bits a column.
+columns with large inputs get finer steps. It spends 16 bits a column. By default only fully connected layers
+(2-D weights) take them (`column_scale_layers`): on MobileNetV2's convs they cost more agreement than they gave
+(docs/BENCHMARKS.md, session 18).
 """
 from __future__ import annotations
 
@@ -89,6 +91,9 @@ class JLCMConfig(QuantConfig):
     column_scale: float = Field(0.0, ge=0, le=1, description="activation-aware column scales (AWQ's idea on codebooks): "
                                 "quantize W * s with s_j = rms(x_j)^column_scale and store 1/s per column (16 bits a "
                                 "column), so columns with large inputs get finer codebook steps; 0: off")
+    column_scale_layers: Literal["linear", "all"] = Field(
+        "linear", description="which layers get column scales: fully connected ones (2-D weights: linear, attention "
+                              "projections), or every layer with input statistics, convs included")
 
     init_points: int = Field(256, ge=8, description="k-means init: exact on an equal-count summary of this many "
                              "points per group, then Lloyd steps on all values")
@@ -516,7 +521,7 @@ def quantize_jlcm_widths(weight: torch.Tensor, widths: list[int], config: JLCMCo
     rows, cols = matrix_shape(weight.shape)
     w = weight.detach().float().reshape(rows, cols)
     column_scale = None
-    if stats is not None and config.column_scale > 0:
+    if stats is not None and config.column_scale > 0 and (config.column_scale_layers == "all" or weight.dim() == 2):
         column_scale, scale = activation_column_scales(stats, config.column_scale)
         w, stats = w * scale[None, :], stats.scaled_columns(scale)
     groups = min(config.groups, rows)

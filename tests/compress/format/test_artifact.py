@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 import struct
@@ -337,7 +338,12 @@ def test_column_scaled_layers_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("compress:digits-cnn", num_classes=10).eval()
     batches = [torch.rand(8, 3, 32, 32) for _ in range(2)]
-    q = cq.quantize(model, batches, method="jlcm", bits=3, allocation="uniform", column_scale=0.5, calib_steps=5)
+    linear_only = cq.quantize(copy.deepcopy(model), batches, method="jlcm", bits=3, allocation="uniform",
+                              column_scale=0.5, calib_steps=5)
+    assert {e["kind"]: bool(e["layout"].get("column_scale")) for e in linear_only.quantization_plan["layers"]} == \
+        {"conv": False, "linear": True}, "by default only fully connected layers get column scales"
+    q = cq.quantize(model, batches, method="jlcm", bits=3, allocation="uniform", column_scale=0.5,
+                    column_scale_layers="all", calib_steps=5)
     layouts = [e["layout"] for e in q.quantization_plan["layers"]]
     assert layouts and all(layout.get("column_scale") for layout in layouts)
     path = tmp_path / "scaled.safetensors"

@@ -34,7 +34,7 @@ def _batches() -> list[torch.Tensor]:
 
 def _quantized(net: nn.Module, batches: list[torch.Tensor], column_scale: float = 0.0) -> nn.Module:
     return cq.quantize(copy.deepcopy(net), batches, "jlcm", bits=1, allocation="uniform", calib_steps=5,
-                       column_scale=column_scale)
+                       column_scale=column_scale, column_scale_layers="all")
 
 
 def _loss(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]) -> float:

@@ -41,8 +41,8 @@ from compress.quant.kmeans import kmeans_1d_widths
 from compress.quant.registry import Encoded, QuantConfig, register_method
 from compress.quant.stats import LayerStats
 
-__all__ = ["JLCMConfig", "activation_column_scales", "row_statistic", "group_rows", "nearest_rows", "proximal_step", "jlcm_learn",
-           "refit_codebooks", "quantize_jlcm"]
+__all__ = ["JLCMConfig", "activation_column_scales", "row_statistic", "group_rows", "nearest_rows", "proximal_step",
+           "jlcm_learn", "refit_codebooks", "quantize_jlcm"]
 
 
 class JLCMConfig(QuantConfig):

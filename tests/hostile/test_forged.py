@@ -90,6 +90,11 @@ FORGED = {
     "quant layout groups not matching the stored codebook": (
         lambda m: _layer(m, "head")["layout"].update(groups=5), None,
         r"tensor head\.weight_codebook is float16 \[2, 8\], the layout needs float16 \[5, 8\]"),
+    "quant layout column_scale not a bool": (lambda m: _layer(m, "head")["layout"].update(column_scale="yes"), None,
+                                             r"layout\.column_scale must be true or false"),
+    "quant layout column scales without their tensor": (
+        lambda m: _layer(m, "head")["layout"].update(column_scale=True), None,
+        r"tensor head\.weight_column_scale of its layout is not in the file"),
     "quant attr not a weight": (lambda m: _layer(m, "head").update(attr="bias"), None, r"\.attr must be one of"),
     "unknown model_meta key": (lambda m: m["model_meta"].update(exec="x"), None, r"model_meta has unknown keys"),
     "task is neither": (lambda m: m.update(task="regression"), None, r"task must be one of"),

@@ -119,7 +119,8 @@ class QuantizedWeight:
         codebooks with scale and offset folded in, a group per row), cached until a stored tensor changes.
         Raises ValueError for a layout the kernels do not take (see `kernel_fallback_reason`)."""
         return self._cached("_kernel_cache", None,
-                            lambda buffers: kernels.codebook_kernel_args(self.quant_layout, buffers, True), keep=True)
+                            lambda buffers: kernels.codebook_kernel_args(self.quant_layout, buffers,
+                                                                          column_scale_by_caller=True), keep=True)
 
     def column_scale(self) -> torch.Tensor | None:
         """The stored factor of every column of the decoded matrix (float16 [cols]), None when the layout has none."""

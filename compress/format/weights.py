@@ -246,9 +246,6 @@ def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torc
               "packing": packing}
     if column_scale is not None:
         layout["column_scale"] = True
-        buffers_extra = {"column_scale": column_scale.detach().reshape(cols).to(torch.float16).contiguous()}
-    else:
-        buffers_extra = {}
     buffers = {"packed": _pack(indices.reshape(rows, cols).to(torch.uint8), bits, packing)}
     if kind != "grid":
         cb = codebook.detach().reshape(-1 if kind == "per-group" else 1, 1 << bits)
@@ -263,7 +260,8 @@ def encode_codebook(shape: list[int] | tuple[int, ...], bits: int, indices: torc
         if order is None:
             raise ValueError("row_map 'order' needs the row order")
         buffers["order"] = order.to(_order_dtype(rows))
-    buffers.update(buffers_extra)
+    if column_scale is not None:
+        buffers["column_scale"] = column_scale.detach().reshape(cols).to(torch.float16).contiguous()
     specs = buffer_specs(layout)
     for name, tensor in buffers.items():
         if tuple(tensor.shape) != specs[name][0]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 OLD_ARTIFACT = ROOT / "tests" / "compress" / "format" / "data" / "digits_cls_v1.safetensors"
 HEAVY = ("torch_pruning", "timm", "torchmetrics", "matplotlib", "onnx", "accelerate", "triton", "torchvision",
@@ -14,28 +16,39 @@ HEAVY = ("torch_pruning", "timm", "torchmetrics", "matplotlib", "onnx", "acceler
          "compress.sparse", "compress.distill", "compress.quant", "compress.shrink")
 
 
-def _import_graph():
+@pytest.fixture(scope="module")
+def tool():
     spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_import_graph_has_no_cycle() -> None:
-    tool = _import_graph()
-    graph = tool.import_graph()
+@pytest.fixture(scope="module")
+def graph(tool) -> dict[str, set[str]]:
+    """The import graph read from the source once for this file (the source does not change during a run)."""
+    return tool.import_graph()
+
+
+@pytest.fixture(autouse=True)
+def _keep_recursion_limit():
+    """`cycles` raises the interpreter's recursion limit for its depth-first walk; put it back, so the rest of the
+    session (e.g. the deeply nested YAML test, whose parser gets 10x slower with a higher limit) runs as usual."""
+    limit = sys.getrecursionlimit()
+    yield
+    sys.setrecursionlimit(limit)
+
+
+def test_import_graph_has_no_cycle(tool, graph) -> None:
     assert len(graph) > 50  # the walk found the packages
     assert tool.cycles(graph) == []
 
 
-def test_cycle_finder_finds_a_cycle() -> None:
-    tool = _import_graph()
+def test_cycle_finder_finds_a_cycle(tool) -> None:
     assert tool.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_nothing_below_the_stages_imports_stages_runner_or_recipe() -> None:
-    tool = _import_graph()
-    graph = tool.import_graph()
+def test_nothing_below_the_stages_imports_stages_runner_or_recipe(tool, graph) -> None:
     assert tool.layer_breaks(graph) == []
     assert tool.layer_breaks({"compress.quant.api": {"compress.recipe"}}) == [("compress.quant.api", "compress.recipe")]
 

@@ -48,6 +48,19 @@ def tiny_recipe_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The runs of tests/compress/two_processes.py, made by one `torchrun --nproc_per_node 2` launch for the
+    session, whichever pytest-xdist worker gets there first (each test that needs two CPU processes checks its own
+    runs of it)."""
+    from tests.compress.two_processes import launch, shared_launch
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return launch(TINY_CLS_RECIPE, tmp_path_factory.mktemp("two-processes"))
+    session = tmp_path_factory.getbasetemp().parent  # this session's folder, above every worker's own
+    return shared_launch(TINY_CLS_RECIPE, session / "two-processes", session / "two-processes.lock")
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors on a shared 2-core machine: one torch thread avoids two contending for a core (small

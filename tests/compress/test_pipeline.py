@@ -88,12 +88,11 @@ def test_kill_9_then_resume_keeps_finished_stages_byte_identical(tiny_recipe_pat
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_cpu_processes_train_identical_replicas(tiny_recipe_path: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "compress", "run", str(tiny_recipe_path), "--out", str(out), "--set", "stages.1.evaluate.split=val"]
-    done = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_two_cpu_processes_train_identical_replicas(two_process_runs: dict) -> None:
+    """`compress run` of the tiny recipe in both processes of a `torchrun --nproc_per_node 2` launch (shared with
+    the sparse sub-gradient test: tests/compress/two_processes.py)."""
+    out = two_process_runs["ddp"]
+    assert two_process_runs["returncode"] == 0, two_process_runs["stderr"][-3000:]
     log = (out / "log.txt").read_text()
     assert "2 process(es)" in log, log
     assert log.count("2 replicas in sync") == 2, log

@@ -1,8 +1,5 @@
 """sparse -> prune -> finetune through the runner, and the sub-gradient under two processes."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,37 +42,21 @@ def test_sparse_prune_finetune_run_and_reload(tiny_recipe_path: Path, tmp_path: 
         assert "prune" in meta and sum(p.numel() for p in model.parameters()) == entry["params"]
 
 
-PAIR = """
-import sys
-import compress.prune, compress.sparse
-from compress.pipeline import run
-from compress.recipe import load_recipe
-run(load_recipe(sys.argv[1]), sys.argv[2])
-run(load_recipe(sys.argv[3]), sys.argv[4])
-"""
-SGD = {"epochs": 1, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "warmup_epochs": 0, "grad_clip": None,
-       "weight_decay": 0.0, "schedule": "constant"}
-
-
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_processes_add_the_subgradient_once_per_step(tiny_recipe_path: Path, tmp_path: Path) -> None:
+def test_two_processes_add_the_subgradient_once_per_step(two_process_runs: dict) -> None:
     """Two CPU processes, one step each (64 samples, 32 per process): the BN scales after the sparse stage
-    differ from plain training by exactly lr * (1 + momentum) * s * sign(gamma), on every replica."""
-    s = 1e-2
-    sparse = _recipe(tiny_recipe_path, [{"sparse": {**SGD, "sparsity": "constant", "sparsity_rate": s}}], 64)
-    plain = _recipe(tiny_recipe_path, [{"finetune": SGD}], 64)
-    script = tmp_path / "pair.py"
-    script.write_text(PAIR)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(script), str(sparse), str(tmp_path / "sparse"), str(plain), str(tmp_path / "plain")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = (tmp_path / "sparse" / "log.txt").read_text()
+    differ from plain training by exactly lr * (1 + momentum) * s * sign(gamma), on every replica. Both runs are
+    made by the torchrun launch shared with the pipeline's two-process test (tests/compress/two_processes.py)."""
+    from tests.compress.two_processes import SGD, SPARSITY as s
+
+    assert two_process_runs["returncode"] == 0, two_process_runs["stderr"][-3000:]
+    sparse, plain = two_process_runs["sparse"], two_process_runs["plain"]
+    log = (sparse / "log.txt").read_text()
     assert "2 process(es)" in log and "2 replicas in sync" in log, log
-    a = load_model(tmp_path / "sparse" / json.loads((tmp_path / "sparse/report.json").read_text())["stages"][-1]["checkpoint"])[0]
-    b = load_model(tmp_path / "plain" / json.loads((tmp_path / "plain/report.json").read_text())["stages"][-1]["checkpoint"])[0]
+    a = load_model(sparse / json.loads((sparse / "report.json").read_text())["stages"][-1]["checkpoint"])[0]
+    b = load_model(plain / json.loads((plain / "report.json").read_text())["stages"][-1]["checkpoint"])[0]
+    assert (SGD["lr"], SGD["momentum"]) == (0.1, 0.9)
     for name in ("stem.1", "stage2.conv1.1", "stage3.conv2.1"):
         delta = a.get_submodule(name).weight - b.get_submodule(name).weight
         assert torch.allclose(delta, torch.full_like(delta, -0.1 * 1.9 * s), atol=1e-6), (name, delta)

@@ -106,6 +106,8 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
     tensors = list(model.parameters()) + list(model.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     batches = [to_device(b, device) for b in batches_in]
+    views = _bn_views(model, batches, config, progress)
+    batches += views
     folded = _fold(model, batches, config)
     sites = find_sites(model, config.ignore)
     if not sites:
@@ -120,8 +122,22 @@ def quantize(model: nn.Module, calib_batches: Iterable[Any], method: str | Quant
         model.train(was_training)
     plan["summary"]["seconds"] = round(time.perf_counter() - start, 3)
     plan["summary"]["folded_batchnorms"] = len(folded)
+    if config.bn_views_steps > 0:
+        plan["summary"]["bn_views"] = len(views)
     model.quantization_plan = plan
     return model
+
+
+def _bn_views(model: nn.Module, batches: list[Any], config: QuantConfig, progress: Progress | None) -> list[Any]:
+    """bn_views_steps: a view of each calibration batch moved toward the model's BatchNorm statistics
+    (compress.quant.views), taken before anything is folded."""
+    if config.bn_views_steps <= 0 or not batches:
+        return []
+    from compress.quant.views import bn_statistic_views
+
+    advance = None if progress is None else (
+        lambda i: progress({"phase": "views", "index": i, "total": len(batches)}))
+    return bn_statistic_views(model, batches, config.bn_views_steps, config.bn_views_lr, advance)
 
 
 def _fold(model: nn.Module, batches: list[Any], config: QuantConfig) -> list[tuple[str, str]]:

@@ -49,6 +49,10 @@ class QuantConfig(Config):
     sensitivity_metric: Literal["mse", "kl"] = Field("mse", description="mixed: the output error a layer's "
                                                      "sensitivity is measured by: relative squared error of the "
                                                      "outputs, or KL of the softmax (classifiers' logits)")
+    bn_views_steps: int = Field(0, ge=0, description="add to the calibration batches one view of each, moved this "
+                                "many Adam steps toward the model's BatchNorm running statistics (the training data's "
+                                "feature statistics; compress.quant.views): more views of few photos; 0: off")
+    bn_views_lr: float = Field(0.05, gt=0, description="step size of those views, in units of their batch's std")
     sensitivity_samples: int = Field(16, gt=0, description="mixed: calibration inputs used to measure sensitivity")
     underdetermined_margin: int | None = Field(None, ge=0, le=8, description="mixed, bits target: a layer whose "
                                                "calibration rows are fewer than its inputs (an underdetermined fit, "

@@ -68,8 +68,9 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
     """Quantize with the calib split's images only; the plan goes to the checkpoint meta and the stage dir."""
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch) for batch in loader]
-    # one bar: a tick per layer, then one per codebook-tuning step (tune_steps)
-    total = _count_sites(model, config) + int(config.options.get("tune_steps", 0))
+    # one bar: a tick per BatchNorm-statistics view (bn_views_steps), per layer, then per codebook-tuning step
+    views = len(batches) if int(config.options.get("bn_views_steps", 0)) > 0 else 0
+    total = views + _count_sites(model, config) + int(config.options.get("tune_steps", 0))
     with ctx.progress(f"quantize ({config.method})", total=total) as advance:
         def progress(event: dict[str, Any]) -> None:
             if event["phase"] == "quantize":
@@ -79,6 +80,8 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
                 advance(**info)
             elif event["phase"] == "tune":
                 advance(tune_loss=event["loss"])
+            elif event["phase"] == "views":
+                advance()
 
         with raw_outputs(model):  # torchvision detectors: calibrate on their raw head outputs
             model = quantize(model, batches, method=config.method, progress=progress, **config.options)

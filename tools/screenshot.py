@@ -57,18 +57,16 @@ def render(page: str | Path, shot: str | Path | None = None, width: int = 1280, 
         raise FileNotFoundError("chromium is not installed")
     url = Path(page).resolve().as_uri() + (f"#{quote(fragment)}" if fragment else "")
     size = f"--window-size={width},{height}"
-    messages: list[str] = []
-    if shot is not None:
-        done = _run(chromium, [size, f"--screenshot={Path(shot).resolve()}", url], timeout)
+    if shot is not None:  # one page load gives both: the screenshot file and the DOM on stdout
+        done = _run(chromium, [size, f"--screenshot={Path(shot).resolve()}", "--dump-dom", url], timeout)
         if done.returncode != 0 or not Path(shot).is_file():
             raise RuntimeError(f"chromium failed ({done.returncode}): {done.stderr[-500:]}")
-        messages += console_messages(done.stderr)
         trim(Path(shot))
-    dumped = _run(chromium, [size, "--dump-dom", url], timeout)
-    if dumped.returncode != 0:
-        raise RuntimeError(f"chromium --dump-dom failed ({dumped.returncode}): {dumped.stderr[-500:]}")
-    messages += console_messages(dumped.stderr)
-    return {"console": list(dict.fromkeys(messages)), "dom": dumped.stdout}
+    else:
+        done = _run(chromium, [size, "--dump-dom", url], timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"chromium --dump-dom failed ({done.returncode}): {done.stderr[-500:]}")
+    return {"console": list(dict.fromkeys(console_messages(done.stderr))), "dom": done.stdout}
 
 
 def main() -> int:

@@ -148,25 +148,78 @@ def test_many_layer_model_has_a_small_header_and_opens_in_plain_safetensors(tmp_
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
-def test_writing_is_deterministic_across_processes(tmp_path: Path) -> None:
+# ---- what a fresh interpreter does: one process for the three tests below (each start-up costs seconds) ----
+# In order: read a plain artifact (constriction must stay unimported), compress.load an artifact with coded streams
+# (none of the training stack may come in; constriction does), then write quantized tensors (another process,
+# so another hash seed: the bytes must not change). Each step only adds modules, so each check is as strict as in a
+# process of its own.
+FRESH = """
+import json, sys
+from compress.format.artifact import read_artifact
+read_artifact(sys.argv[1])
+plain_constriction = 'constriction' in sys.modules
+import torch, compress
+model = compress.load(sys.argv[2])
+torch.manual_seed(0)
+with torch.no_grad():
+    y = model(torch.rand(2, 3, 32, 32))
+heavy = [n for n in json.loads(sys.argv[3]) if n in sys.modules]
+coded_constriction = 'constriction' in sys.modules
+from safetensors.torch import load_file
+from compress.format.artifact import write_tensors
+write_tensors(sys.argv[6], load_file(sys.argv[4]), json.load(open(sys.argv[5])))
+print(json.dumps({'plain_constriction': plain_constriction, 'heavy': heavy, 'constriction': coded_constriction,
+                  'logits': y.tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The inputs of FRESH (a plain artifact, a coded one with its in-memory model, quantized tensors with their
+    manifest), its output and the file it wrote."""
+    from tests.compress.test_architecture import HEAVY
+
     from compress.format.checkpoint import atomic_save_safetensors
+    from compress.format.layers import attach_quantized
+    from compress.models import build_model
+
+    folder = tmp_path_factory.mktemp("fresh")
+    plain = folder / "plain.safetensors"
+    write_artifact(plain, nn.Sequential(nn.Linear(4, 4)), {"model": SPEC})
+
+    torch.manual_seed(0)
+    model = build_model("compress:digits-cnn", num_classes=10).eval()
+    conv = model.get_submodule("stage2.conv1.0")
+    rows, cols = matrix_shape(conv.weight.shape)
+    layout, buffers = encode_codebook(conv.weight.shape, 2, skewed_indices(rows, cols, 2, 0), torch.arange(rows) % 2, 2,
+                                      torch.randn(2, 4) * 0.1)
+    attach_quantized(conv, layout, buffers)
+    coded = folder / "coded.safetensors"
+    write_artifact(coded, model, {"model": SPEC, "model_meta": {"quantization": {"format": PLAN_FORMAT, "layers": [
+        {"name": "stage2.conv1.0", "attr": "weight", "layout": layout}]}}})
 
     tensors, manifest = quantized_tensors()
+    source = folder / "tensors.safetensors"
+    atomic_save_safetensors(source, tensors, {})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    written = folder / "c.safetensors"
+    done = subprocess.run([sys.executable, "-c", FRESH, str(plain), str(coded), json.dumps(HEAVY), str(source),
+                           str(folder / "manifest.json"), str(written)], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    return {"done": done, "result": result, "coded_model": model, "written": written, "tensors": tensors,
+            "manifest": manifest}
+
+
+def test_writing_is_deterministic_across_processes(tmp_path: Path, fresh_process: dict) -> None:
+    tensors, manifest = fresh_process["tensors"], fresh_process["manifest"]  # what the other process wrote
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     write_tensors(first, tensors, manifest)
     write_tensors(second, tensors, manifest)
     assert first.read_bytes() == second.read_bytes()
-    source = tmp_path / "tensors.safetensors"
-    atomic_save_safetensors(source, tensors, {})
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    code = ("import json, sys; from safetensors.torch import load_file; "
-            "from compress.format.artifact import write_tensors; "
-            "write_tensors(sys.argv[3], load_file(sys.argv[1]), json.load(open(sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, str(source), str(tmp_path / "manifest.json"),
-                           str(tmp_path / "c.safetensors")], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = fresh_process["done"]
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "c.safetensors").read_bytes() == first.read_bytes()
+    assert fresh_process["written"].read_bytes() == first.read_bytes()
 
 
 def test_version_1_fixture_loads_and_rewrites_as_version_2(tmp_path: Path) -> None:
@@ -189,50 +242,22 @@ def test_version_1_fixture_loads_and_rewrites_as_version_2(tmp_path: Path) -> No
         assert torch.equal(load(path)(x), model(x))
 
 
-def test_constriction_is_imported_only_for_coded_streams(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(4, 4))
-    plain = tmp_path / "plain.safetensors"
-    write_artifact(plain, model, {"model": SPEC})
-    code = ("import sys; from compress.format.artifact import read_artifact; read_artifact(sys.argv[1]); "
-            "assert 'constriction' not in sys.modules, 'constriction imported'")
-    done = subprocess.run([sys.executable, "-c", code, str(plain)], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+def test_constriction_is_imported_only_for_coded_streams(fresh_process: dict) -> None:
+    done = fresh_process["done"]
     assert done.returncode == 0, done.stderr[-2000:]
+    assert fresh_process["result"]["plain_constriction"] is False, "constriction imported to read a plain artifact"
 
 
-def test_loading_a_coded_artifact_stays_lean(tmp_path: Path) -> None:
+def test_loading_a_coded_artifact_stays_lean(fresh_process: dict) -> None:
     """compress.load of a version-2 file with coded streams imports none of the training stack (constriction
     and numpy only)."""
-    from tests.compress.test_architecture import HEAVY
-
-    from compress.format.layers import attach_quantized
-    from compress.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("compress:digits-cnn", num_classes=10).eval()
-    conv = model.get_submodule("stage2.conv1.0")
-    rows, cols = matrix_shape(conv.weight.shape)
-    layout, buffers = encode_codebook(conv.weight.shape, 2, skewed_indices(rows, cols, 2, 0), torch.arange(rows) % 2, 2,
-                                      torch.randn(2, 4) * 0.1)
-    attach_quantized(conv, layout, buffers)
-    path = tmp_path / "coded.safetensors"
-    write_artifact(path, model, {"model": SPEC, "model_meta": {"quantization": {"format": PLAN_FORMAT, "layers": [
-        {"name": "stage2.conv1.0", "attr": "weight", "layout": layout}]}}})
-    code = ("import json, sys, torch, compress\n"
-            f"model = compress.load({str(path)!r})\n"
-            "torch.manual_seed(0)\n"
-            "with torch.no_grad():\n"
-            "    y = model(torch.rand(2, 3, 32, 32))\n"
-            f"print(json.dumps({{'heavy': [n for n in {HEAVY!r} if n in sys.modules], "
-            "'constriction': 'constriction' in sys.modules, 'logits': y.tolist()}))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    done = fresh_process["done"]
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = fresh_process["result"]
     assert result["heavy"] == [] and result["constriction"]
     x = (torch.manual_seed(0), torch.rand(2, 3, 32, 32))[1]
     with torch.no_grad():
-        assert torch.equal(torch.tensor(result["logits"]), model(x))
+        assert torch.equal(torch.tensor(result["logits"]), fresh_process["coded_model"](x))
 
 
 def test_float32_values_exact_in_float16_take_half_the_bytes(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ def test_reaches_97_percent_quickly() -> None:
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(x)))
     val, train = order[:360], order[360:]
     model = build_model("compress:digits-cnn", num_classes=10)
+    # channels-last (NHWC) layout: the same network and steps, ~25 % less CPU in oneDNN's convolutions
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     epochs, bs = 4, 64
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(len(train) / bs),

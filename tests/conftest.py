@@ -53,12 +53,21 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The runs of tests/compress/two_processes.py, made by one `torchrun --nproc_per_node 2` launch for the
     session, whichever pytest-xdist worker gets there first (each test that needs two CPU processes checks its own
     runs of it)."""
-    from tests.compress.two_processes import launch, shared_launch
+    from tests.compress.two_processes import launch
+    from tests.session_once import once_per_session
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return launch(TINY_CLS_RECIPE, tmp_path_factory.mktemp("two-processes"))
-    session = tmp_path_factory.getbasetemp().parent  # this session's folder, above every worker's own
-    return shared_launch(TINY_CLS_RECIPE, session / "two-processes", session / "two-processes.lock")
+    runs = once_per_session(tmp_path_factory, "two-processes", lambda folder: launch(TINY_CLS_RECIPE, folder))
+    return {k: Path(v) if k in ("ddp", "sparse", "plain") else v for k, v in runs.items()}
+
+
+@pytest.fixture(scope="session")
+def fresh_interpreter(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What a fresh interpreter imports for `compress.load`, `compress.kernels` and the CLI: one subprocess for the
+    session (tests/compress/fresh_interpreter.py), whose parts several tests check."""
+    from tests.compress.fresh_interpreter import probe
+    from tests.session_once import once_per_session
+
+    return once_per_session(tmp_path_factory, "fresh-interpreter", lambda folder: probe())
 
 
 @pytest.fixture

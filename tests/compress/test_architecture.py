@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.compress.fresh_interpreter import HEAVY, OLD_ARTIFACT  # noqa: F401  (HEAVY: test_container uses it)
+
 ROOT = Path(__file__).resolve().parents[2]
-OLD_ARTIFACT = ROOT / "tests" / "compress" / "format" / "data" / "digits_cls_v1.safetensors"
-HEAVY = ("torch_pruning", "timm", "torchmetrics", "matplotlib", "onnx", "accelerate", "triton", "torchvision",
-         "compress.stages", "compress.pipeline", "compress.recipe", "compress.train", "compress.prune",
-         "compress.sparse", "compress.distill", "compress.quant", "compress.shrink")
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +50,15 @@ def test_nothing_below_the_stages_imports_stages_runner_or_recipe(tool, graph) -
     assert tool.layer_breaks({"compress.quant.api": {"compress.recipe"}}) == [("compress.quant.api", "compress.recipe")]
 
 
-def test_load_imports_no_training_code_and_reads_an_old_artifact() -> None:
+def test_load_imports_no_training_code_and_reads_an_old_artifact(fresh_interpreter: dict) -> None:
     """In a fresh interpreter, `compress.load` of an artifact written before the read side moved to
     `compress.format` imports none of the training / pruning / plotting stack and gives the outputs it gave then;
     the CLI, the pipeline and the stage registry (what a recipe check or --help needs) import no torch-pruning,
-    timm or torchvision (seconds of start-up) until a stage runs."""
+    timm or torchvision (seconds of start-up) until a stage runs. (The interpreter is shared with two other import
+    checks: tests/compress/fresh_interpreter.py.)"""
     expected = json.loads((OLD_ARTIFACT.parent / "digits_cls_v1_outputs.json").read_text())
-    code = (
-        "import json, sys, torch, compress\n"
-        f"model = compress.load({str(OLD_ARTIFACT)!r})\n"
-        "torch.manual_seed(0)\n"
-        "with torch.no_grad():\n"
-        "    y = model(torch.rand(2, 3, 32, 32))\n"
-        f"heavy = [n for n in {HEAVY!r} if n in sys.modules]\n"
-        "import compress.cli, compress.pipeline, compress.stages, compress.prune\n"
-        "cli = [n for n in ('torch_pruning', 'timm', 'torchvision') if n in sys.modules]\n"
-        "print(json.dumps({'heavy': heavy, 'cli': cli, 'logits': y.tolist()}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh_interpreter["returncode"] == 0, fresh_interpreter["stderr"][-2000:]
+    result = fresh_interpreter["result"]
     assert result["heavy"] == [] and result["cli"] == []
     import torch
 

@@ -46,7 +46,7 @@ def _recipe(tiny: str, stages: list, samples: int, path: Path) -> Path:
 
 def launch(tiny: str, folder: Path) -> dict[str, object]:
     """Run the three runs under one torchrun launch in `folder`; {"returncode", "stderr": the launch's, "ddp" |
-    "sparse" | "plain": the run directories}."""
+    "sparse" | "plain": the run directories (str)}."""
     tiny_path = folder / "tiny.yaml"
     tiny_path.write_text(tiny)
     sparse = _recipe(tiny, [{"sparse": {**SGD, "sparsity": "constant", "sparsity_rate": SPARSITY}}], 64,
@@ -59,21 +59,4 @@ def launch(tiny: str, folder: Path) -> dict[str, object]:
            str(tiny_path), str(out["ddp"]), str(sparse), str(out["sparse"]), str(plain), str(out["plain"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    return {"returncode": done.returncode, "stderr": done.stderr, **out}
-
-
-def shared_launch(tiny: str, folder: Path, lock: Path) -> dict[str, object]:
-    """`launch` once for all the pytest-xdist workers of a session: the first to come runs it in `folder` (which
-    they all see) while holding `lock`, the others wait and read its result."""
-    import json
-
-    from filelock import FileLock
-
-    result = folder / "result.json"
-    with FileLock(str(lock)):
-        if not result.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            done = launch(tiny, folder)
-            result.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in done.items()}))
-    data = json.loads(result.read_text())
-    return {k: Path(v) if k in ("ddp", "sparse", "plain") else v for k, v in data.items()}
+    return {"returncode": done.returncode, "stderr": done.stderr, **{k: str(v) for k, v in out.items()}}

@@ -1,9 +1,6 @@
 """The torch references and the dispatcher's torch path: definitions, layouts, argument checks, lazy triton."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -13,12 +10,11 @@ from compress.kernels.torch_dequant import dequantize_torch
 from compress.format import packing, weights as formats
 
 
-def test_import_compress_kernels_does_not_import_triton() -> None:
-    code = ("import sys, compress, compress.kernels\n"
-            "from compress.kernels import dequantize, quantized_linear\n"
-            "assert 'triton' not in sys.modules, 'triton imported'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+def test_import_compress_kernels_does_not_import_triton(fresh_interpreter: dict) -> None:
+    # `import compress, compress.kernels` and its dispatchers in a fresh interpreter (shared:
+    # tests/compress/fresh_interpreter.py)
+    assert fresh_interpreter["returncode"] == 0, fresh_interpreter["stderr"][-2000:]
+    assert fresh_interpreter["result"]["kernels_triton"] is False, "triton imported"
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

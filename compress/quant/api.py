@@ -243,6 +243,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                                                                   folded)
     replan = budget if config.replan and budget is not None else None
     spent, replanned = 0.0, []
+    coded_total = 0.0  # the quantized layers' stored bits, summed before any rounding
     measured = charged = 0.0  # stored and planned bits of the quantized layers so far
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
@@ -309,6 +310,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
             replay.invalidate(call_name(site))
         quantized_any = True
         coded = stored_bits(layout, buffers)
+        coded_total += coded
         entry = {"name": site.name, "attr": site.attr, "kind": site.kind, "shape": list(weight.shape),
                  "weights": weight.numel(), "bits": bits, "groups": layout.get("groups"),
                  "bits_per_weight": round(bits_per_weight(layout), 4),
@@ -344,7 +346,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     n = n_quant + sum(e["weights"] for e in kept_float)
     float_bits = FLOAT_STORED_BITS * sum(e["weights"] for e in kept_float)
     stored = sum(storage_bits(e["layout"]) for e in layers) + float_bits
-    coded = sum(e["coded_bits_per_weight"] * e["weights"] for e in layers) + float_bits
+    coded = coded_total + float_bits
     summary = {"layers": len(layers), "weights": n_quant,
                "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n_quant, 4),
                "bits_per_weight": round(stored / n, 4), "coded_bits_per_weight": round(coded / n, 4),

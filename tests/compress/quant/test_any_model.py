@@ -10,7 +10,9 @@ from torch import nn
 
 import compress.quant as cq
 from compress.errors import UserError
+from compress.format.layers import quantized_modules
 from compress.format.restorers import restore_quantization
+from compress.format.weights import stored_bits
 
 
 class TinyTransformer(nn.Module):
@@ -54,6 +56,11 @@ def test_tiny_transformer_meets_the_bit_target_with_what_is_quantized(one_thread
     # jlcm charges indices their entropy-coded size (coded_indices): the target holds for what the file stores
     assert 2.5 <= summary["coded_bits_per_weight"] <= 3.0 + 1e-6, summary["coded_bits_per_weight"]
     assert summary["coded_bits_per_weight"] <= summary["bits_per_weight"]
+    # the summary sums the layers' exact stored bits (not their rounded per-weight figures)
+    exact = sum(stored_bits(m.quant_layout, m.quant_buffers()) for m in quantized_modules(model).values())
+    exact += 16 * sum(e["weights"] for e in summary["kept_float"])
+    n = summary["weights"] + sum(e["weights"] for e in summary["kept_float"])
+    assert summary["coded_bits_per_weight"] == round(exact / n, 4)
     floats = summary["float_params"]
     total = sum(p.numel() for p in base.parameters())
     assert floats["count"] == total - summary["weights"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -151,17 +149,13 @@ def test_concurrent_builds_agree():
 
 
 @pytest.mark.slow
-def test_another_process_builds_the_same_bytes(cache: Path):
-    code = (
-        "import hashlib, numpy as np; from calib.digits_detect import build_split\n"
-        "a = build_split('train', 128, 6); h = hashlib.sha256()\n"
-        "[h.update(np.ascontiguousarray(a[k]).tobytes()) for k in sorted(a)]; print(h.hexdigest())"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(calib.__file__).parents[1]
-    )
+def test_another_process_builds_the_same_bytes(cache: Path, fresh_interpreter: dict):
+    # the other process: the session's shared fresh interpreter (tests/compress/fresh_interpreter.py), which
+    # digests build_split("train", 128, 6) under its own hash seed
+    assert fresh_interpreter["returncode"] == 0, fresh_interpreter["stderr"][-2000:]
     here = digest_arrays(digits_detect.build_split("train", 128, 6))
-    assert out.stdout.strip() == here, "another process (other hash seed) built different data"
+    other = fresh_interpreter["result"]["digits_detect_train_6"]
+    assert other == here, "another process (other hash seed) built different data"
 
 
 def digest_arrays(arrays: dict[str, np.ndarray]) -> str:

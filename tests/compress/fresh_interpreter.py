@@ -6,7 +6,9 @@ In order, each step only adding modules, so each check is at least as strict as 
 2. `import compress, compress.format.artifact`: no triton (tests/compress/format/test_artifact.py);
 3. `import compress.kernels` and its dispatchers: no triton (tests/compress/kernels/test_kernels_reference.py);
 4. the CLI, the pipeline, the stage registry and `compress.prune`: no torch-pruning, timm or torchvision
-   (tests/compress/test_architecture.py).
+   (tests/compress/test_architecture.py);
+5. the digest of a small `digits-detect` build, made under this process's own hash seed
+   (tests/calib/test_calib_digits_detect.py).
 """
 from __future__ import annotations
 
@@ -35,8 +37,13 @@ from compress.kernels import dequantize, quantized_linear
 kernels_triton = 'triton' in sys.modules
 import compress.cli, compress.pipeline, compress.stages, compress.prune
 cli = [n for n in ('torch_pruning', 'timm', 'torchvision') if n in sys.modules]
+import hashlib, numpy as np
+from calib.digits_detect import build_split
+a = build_split('train', 128, 6)
+h = hashlib.sha256()
+[h.update(np.ascontiguousarray(a[k]).tobytes()) for k in sorted(a)]
 print(json.dumps({{'heavy': heavy, 'artifact_triton': artifact_triton, 'kernels_triton': kernels_triton, 'cli': cli,
-                  'logits': y.tolist()}}))
+                  'logits': y.tolist(), 'digits_detect_train_6': h.hexdigest()}}))
 """
 
 

@@ -69,11 +69,20 @@ def test_wrong_num_classes_names_the_mis_shaped_key(trained, tmp_path: Path) -> 
         shrink(path, SPEC, tmp_path / "o.safetensors", 7, **FAST)
 
 
-def test_shrink_end_to_end_tiny_model(trained, tmp_path: Path) -> None:
-    path, model = trained
-    out = tmp_path / "small.safetensors"
+@pytest.fixture(scope="module")
+def shrunk_by_keywords(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+    """The trained checkpoint shrunk with keywords (prune 0.3, 3 bits, recovery): the artifact, the figures and the
+    lines printed; checked end to end below and compared with the ShrinkConfig route in
+    test_config_object_and_keywords_give_the_same_artifact."""
+    path, _ = trained
+    out = tmp_path_factory.mktemp("shrink") / "small.safetensors"
     lines: list[str] = []
-    result = shrink(path, SPEC, out, 10, prune=0.3, bits=3, recover=True, recover_steps=3, printer=lines.append, **FAST)
+    result = shrink(path, SPEC, out, 10, prune=0.3, bits=3, recover=True, recover_steps=2, printer=lines.append, **FAST)
+    return out, result, lines
+
+
+def test_shrink_end_to_end_tiny_model(shrunk_by_keywords) -> None:
+    out, result, lines = shrunk_by_keywords
     text = "\n".join(lines)
     assert "preprocessing: compress: model" in text and "stage 1/3: prune" in text and "recover:" in text
     assert result["params_after"] < result["params_before"]
@@ -267,18 +276,17 @@ def test_overshooting_prune_warns_on_stderr_even_when_quiet(tmp_path: Path, caps
         assert captured.err == ""
 
 
-def test_config_object_and_keywords_give_the_same_artifact(trained, tmp_path: Path) -> None:
+def test_config_object_and_keywords_give_the_same_artifact(trained, shrunk_by_keywords, tmp_path: Path) -> None:
     """compress.shrink takes a validated ShrinkConfig as well as keywords; both run the same stages through the
-    runner's loop and write the same bytes."""
+    runner's loop and write the same bytes (the keywords' run: the shrunk_by_keywords fixture)."""
     from compress.shrink import ShrinkConfig
 
     path, _ = trained
-    by_keywords = compress.shrink(path, SPEC, tmp_path / "a.safetensors", 10, prune=0.3, bits=3, quiet=True,
-                                  recover=True, recover_steps=2, **FAST)
+    keywords_out, by_keywords, _ = shrunk_by_keywords
     config = ShrinkConfig(model=SPEC, checkpoint=str(path), num_classes=10, prune=0.3, bits=3, recover=True, recover_steps=2, **FAST)
     by_config = compress.shrink(config, out=tmp_path / "b.safetensors", quiet=True)
     assert [s["name"] for s in by_config["stages"]] == ["input", "prune", "recover", "quantize", "export"]
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert keywords_out.read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert by_keywords["file_bytes"] == by_config["file_bytes"]
     with pytest.raises(UserError, match="shrink.prune: .*--prune 2"):
         ShrinkConfig.from_options(model=SPEC, num_classes=10, prune=2)

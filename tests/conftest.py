@@ -18,9 +18,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Generated data goes to a cache shared by this test session only."""
+    """Generated data goes to a cache shared by this test session only (by all its pytest-xdist workers: the cache
+    writes each file atomically, so two workers building the same split at once is safe, and each split is built
+    once for the session, not once a worker)."""
     if "COMPRESS_CACHE" not in os.environ:
-        os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("compress-cache"))
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = tmp_path_factory.getbasetemp().parent / "compress-cache"  # this session's folder
+            shared.mkdir(exist_ok=True)
+            os.environ["COMPRESS_CACHE"] = str(shared)
+        else:
+            os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("compress-cache"))
 
 
 TINY_CLS_RECIPE = """

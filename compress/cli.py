@@ -566,6 +566,10 @@ def shrink(
                                                   "carry; bn: |gamma| (sparse-trained models)")] = "data",
     batch_size: Annotated[int, typer.Option("--batch-size", help="calibration batch size")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    quant_option: Annotated[Optional[list[str]], typer.Option(
+        "--quant-option", help="an option of the quantization method, KEY=VALUE (the value read as YAML), e.g. "
+                               "bn_views_steps=20 or column_scale=0.5; repeatable (docs/ARCHITECTURE.md lists "
+                               "the modules; `compress.quant` config classes hold every option)")] = None,
 ) -> None:
     """Shrink a checkpoint in one command: prune, recover, quantize (JLCM), write one artifact.
 
@@ -579,11 +583,12 @@ def shrink(
         from compress.errors import UserError
 
         raise UserError(f"--recover-steps must be >= 0 (got {recover_steps})")
+    quant_options = parse_key_values(quant_option or [], "--quant-option")
     with _quiet_output():
         result = run_shrink(checkpoint, model, out, num_classes, task=task, prune=prune, bits=bits, method=method,
                             calib=calib, calib_samples=calib_samples, image_size=image_size, mean=mean, std=std,
                             recover=recover, recover_steps=recover_steps, batch_size=batch_size, seed=seed,
-                            quiet=_is_quiet(), prune_importance=prune_importance)
+                            quiet=_is_quiet(), prune_importance=prune_importance, quant_options=quant_options)
     print(f"wrote {out}: {result['file_bytes']:,} bytes (fp32 {result['before_bytes'] / 1e6:.2f} MB -> "
           f"{result['file_bytes'] / 1e6:.3f} MB file, {result['ratio']:.1f}x smaller), "
           f"{result['bits_per_weight']:.2f} bits/weight (every tensor), {result['file_bits_per_param']:.2f} file "
@@ -619,6 +624,25 @@ def export(
     with _quiet_output():
         result = export_onnx(artifact, onnx, dense=dense, **({"opset": opset} if opset is not None else {}))
     print(_export_line(result if isinstance(result, dict) else {"path": str(result)}, onnx, dense))
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """{KEY: value} of `KEY=VALUE` items, each value read as YAML (3 -> int, 0.5 -> float, [1, 2] -> list); a
+    malformed item raises one UserError naming it."""
+    from compress import safe_yaml
+    from compress.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} bn_views_steps=20")
+        try:
+            out[key] = safe_yaml.load(raw, f"{flag} {key}")
+        except safe_yaml.YAMLInputError as exc:
+            raise UserError(str(exc)) from None
+    return out
 
 
 def _export_line(result: dict[str, Any], onnx: Path, dense: bool) -> str:

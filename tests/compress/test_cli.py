@@ -118,6 +118,22 @@ def test_shrink_bad_checkpoint_exits_2_with_one_line(state_dict_file: Path, tmp_
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_shrink_quant_options(state_dict_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import compress
+
+    out = tmp_path / "o.safetensors"
+    base = ["shrink", str(state_dict_file), *SHRINK_FAST, "-o", str(out)]
+    for item, says in [("calib_steps", "--quant-option 'calib_steps': expected KEY=VALUE"),
+                       ("no_such=1", "unknown field 'no_such'"), ("ignore=[head", "--quant-option ignore: not valid YAML")]:
+        assert main([*base, "--quant-option", item]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    assert main([*base, "--quant-option", "ignore=[head]", "--quant-option", "bits=4"]) == 0
+    plan = compress.load(out).quantization_plan
+    assert plan["options"]["ignore"] == ["head"] and "head" not in {e["name"] for e in plan["layers"]}
+
+
 def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["shrink", "none", "--model", "compress:digits-cnn"]) == 2
     err = capsys.readouterr().err

@@ -137,7 +137,13 @@ def _bn_views(model: nn.Module, batches: list[Any], config: QuantConfig, progres
 
     advance = None if progress is None else (
         lambda i: progress({"phase": "views", "index": i, "total": len(batches)}))
-    return bn_statistic_views(model, batches, config.bn_views_steps, config.bn_views_lr, advance)
+    views = bn_statistic_views(model, batches, config.bn_views_steps, config.bn_views_lr, advance)
+    if not views:
+        import warnings
+
+        warnings.warn("quantize: bn_views_steps made no view: it needs a model with BatchNorm running statistics and "
+                      "calibration batches that are one floating tensor of more than one input each", stacklevel=3)
+    return views
 
 
 def _fold(model: nn.Module, batches: list[Any], config: QuantConfig) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,3 +78,10 @@ def test_quantize_calibrates_on_the_views_too() -> None:
                         bn_views_steps=5)
     with torch.no_grad():  # and deterministically
         assert torch.equal(viewed(x), again(x))
+
+
+def test_quantize_warns_when_no_view_can_be_made() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))  # no BatchNorm
+    with pytest.warns(UserWarning, match="bn_views_steps made no view"):
+        model = cq.quantize(net, _batches(), "jlcm", bits=2, allocation="uniform", calib_steps=2, bn_views_steps=3)
+    assert model.quantization_plan["summary"]["bn_views"] == 0

@@ -584,6 +584,11 @@ def shrink(
 
         raise UserError(f"--recover-steps must be >= 0 (got {recover_steps})")
     quant_options = parse_key_values(quant_option or [], "--quant-option")
+    for key, flag in (("bits", "--bits"), ("method", "--method")):
+        if key in quant_options:
+            from compress.errors import UserError
+
+            raise UserError(f"--quant-option {key}: give it as {flag}, which sets it for the whole shrink")
     with _quiet_output():
         result = run_shrink(checkpoint, model, out, num_classes, task=task, prune=prune, bits=bits, method=method,
                             calib=calib, calib_samples=calib_samples, image_size=image_size, mean=mean, std=std,

@@ -124,14 +124,16 @@ def test_shrink_quant_options(state_dict_file: Path, tmp_path: Path, capsys: pyt
     out = tmp_path / "o.safetensors"
     base = ["shrink", str(state_dict_file), *SHRINK_FAST, "-o", str(out)]
     for item, says in [("calib_steps", "--quant-option 'calib_steps': expected KEY=VALUE"),
-                       ("no_such=1", "unknown field 'no_such'"), ("ignore=[head", "--quant-option ignore: not valid YAML")]:
+                       ("no_such=1", "unknown field 'no_such'"), ("ignore=[head", "--quant-option ignore: not valid YAML"),
+                       ("bits=2", "--quant-option bits: give it as --bits"), ("method=kmeans", "give it as --method")]:
         assert main([*base, "--quant-option", item]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
-    assert main([*base, "--quant-option", "ignore=[head]", "--quant-option", "bits=4"]) == 0
+    assert main([*base, "--quant-option", "ignore=[head]", "--quant-option", "max_samples=512"]) == 0
     plan = compress.load(out).quantization_plan
     assert plan["options"]["ignore"] == ["head"] and "head" not in {e["name"] for e in plan["layers"]}
+    assert plan["options"]["max_samples"] == 512
 
 
 def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture) -> None:

@@ -249,7 +249,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
                                                                   folded)
     replan = budget if config.replan and budget is not None else None
     spent, replanned = 0.0, []
-    coded_total = 0.0  # the quantized layers' stored bits, summed before any rounding
+    coded_total = 0  # the quantized layers' stored bits, summed before any rounding
     measured = charged = 0.0  # stored and planned bits of the quantized layers so far
     with_stats = config.needs_stats() and bool(batches)
     keep_float = (with_stats and config.sequential) or ((config.bias_correction > 0 or config.tune_steps > 0)
@@ -356,6 +356,7 @@ def _quantize(model: nn.Module, sites: list[Site], batches: list[Any], spec: Any
     summary = {"layers": len(layers), "weights": n_quant,
                "index_bits": round(sum(e["bits"] * e["weights"] for e in layers) / n_quant, 4),
                "bits_per_weight": round(stored / n, 4), "coded_bits_per_weight": round(coded / n, 4),
+               "coded_bits": int(coded),
                "kept_float": kept_float,
                "float_params": float_params(model, float_layers),
                "model_bits_per_weight": round(8 * storage_bytes(model) / max(count_params(model), 1), 4),

@@ -60,7 +60,7 @@ def test_tiny_transformer_meets_the_bit_target_with_what_is_quantized(one_thread
     exact = sum(stored_bits(m.quant_layout, m.quant_buffers()) for m in quantized_modules(model).values())
     exact += 16 * sum(e["weights"] for e in summary["kept_float"])
     n = summary["weights"] + sum(e["weights"] for e in summary["kept_float"])
-    assert summary["coded_bits_per_weight"] == round(exact / n, 4)
+    assert summary["coded_bits"] == exact and summary["coded_bits_per_weight"] == round(exact / n, 4)
     floats = summary["float_params"]
     total = sum(p.numel() for p in base.parameters())
     assert floats["count"] == total - summary["weights"]

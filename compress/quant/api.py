@@ -133,16 +133,17 @@ def _bn_views(model: nn.Module, batches: list[Any], config: QuantConfig, progres
     (compress.quant.views), taken before anything is folded."""
     if config.bn_views_steps <= 0 or not batches:
         return []
-    from compress.quant.views import bn_statistic_views
+    from compress.quant.views import bn_statistic_views, viewable_batches
 
-    advance = None if progress is None else (
-        lambda i: progress({"phase": "views", "index": i, "total": len(batches)}))
+    total = len(viewable_batches(model, batches))
+    advance = None if progress is None else (lambda i: progress({"phase": "views", "index": i, "total": total}))
     views = bn_statistic_views(model, batches, config.bn_views_steps, config.bn_views_lr, advance)
     if not views:
         import warnings
 
-        warnings.warn("quantize: bn_views_steps made no view: it needs a model with BatchNorm running statistics and "
-                      "calibration batches that are one floating tensor of more than one input each", stacklevel=3)
+        warnings.warn("quantize: bn_views_steps made no view: it needs a model with BatchNorm running statistics "
+                      "that its forward uses, and calibration batches that are one floating tensor of more than one "
+                      "input each", stacklevel=3)
     return views
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from compress.quant.sites import no_fastpath
 
-__all__ = ["batchnorm_layers", "batchnorm_statistics_loss", "bn_statistic_views"]
+__all__ = ["batchnorm_layers", "batchnorm_statistics_loss", "bn_statistic_views", "viewable_batches"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -27,28 +27,36 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
 
 
+def viewable_batches(model: nn.Module, batches: list[Any]) -> list[int]:
+    """Indices of the batches a view is made from: one floating tensor of more than one input each, for a model
+    with BatchNorm statistics (none otherwise)."""
+    if not batchnorm_layers(model):
+        return []
+    return [i for i, b in enumerate(batches) if torch.is_tensor(b) and b.is_floating_point() and b.shape[0] > 1]
+
+
 def batchnorm_statistics_loss(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """Mean squared gap between the per-channel mean and std of a BatchNorm's input batch x [N, C, ...] and
     the layer's running mean and std."""
     dims = [d for d in range(x.dim()) if d != 1]
-    mean = x.mean(dim=dims)
-    std = x.var(dim=dims, unbiased=False).clamp_min(1e-8).sqrt()
-    return ((mean - bn.running_mean).pow(2).mean()
-            + (std - bn.running_var.clamp_min(1e-8).sqrt()).pow(2).mean())
+    mean = x.float().mean(dim=dims)
+    std = x.float().var(dim=dims, unbiased=False).clamp_min(1e-8).sqrt()
+    return ((mean - bn.running_mean.float()).pow(2).mean()
+            + (std - bn.running_var.float().clamp_min(1e-8).sqrt()).pow(2).mean())
 
 
 def bn_statistic_views(model: nn.Module, batches: list[Any], steps: int, lr: float = 0.05,
                        advance: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """One view per floating-point tensor batch: a copy moved by `steps` Adam steps (learning rate `lr` times
-    the batch's std) toward the BatchNorm statistics of `model` (eval mode, unchanged). Batches that are not a
-    single floating tensor (detector image lists, token ids) give no view; nor does a model without
-    BatchNorm. advance(batch index) is called after each view."""
-    layers = batchnorm_layers(model)
-    if steps <= 0 or not layers:
+    """One view per batch of `viewable_batches`: a copy moved by `steps` Adam steps (learning rate `lr` times the
+    batch's std) toward the BatchNorm statistics of `model` (in eval mode; its parameters, buffers, mode and
+    requires_grad flags are left as they were). A batch whose forward reaches no BatchNorm, or whose statistics do
+    not depend on the input, gives no view. advance(batch index) is called after each viewable batch."""
+    chosen = viewable_batches(model, batches) if steps > 0 else []
+    if not chosen:
         return []
     terms: list[torch.Tensor] = []
     hooks = [bn.register_forward_hook(lambda m, inputs, _out: terms.append(batchnorm_statistics_loss(inputs[0], m)))
-             for bn in layers]
+             for bn in batchnorm_layers(model)]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     views = []
@@ -56,21 +64,24 @@ def bn_statistic_views(model: nn.Module, batches: list[Any], steps: int, lr: flo
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad(), no_fastpath():
-            for index, batch in enumerate(batches):
-                if not (torch.is_tensor(batch) and batch.is_floating_point() and batch.shape[0] > 1):
-                    continue
+        with torch.inference_mode(False), torch.enable_grad(), no_fastpath():
+            for index in chosen:
+                batch = batches[index]
                 x = batch.detach().clone().requires_grad_(True)
-                step_size = lr * float(batch.float().std().clamp_min(1e-8))
-                optimizer = torch.optim.Adam([x], lr=step_size)
+                optimizer = torch.optim.Adam([x], lr=lr * float(batch.float().std().clamp_min(1e-8)))
                 for _ in range(steps):
                     terms.clear()
                     model(x)
+                    if not terms:
+                        break
                     loss = torch.stack(terms).sum()
+                    if not loss.requires_grad:
+                        break
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                views.append(x.detach())
+                else:
+                    views.append(x.detach())
                 if advance is not None:
                     advance(index)
     finally:

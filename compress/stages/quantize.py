@@ -69,7 +69,11 @@ def quantize_stage(model: nn.Module, config: QuantizeStageConfig, ctx: RunContex
     loader = ctx.task.loader(ctx.dataset("calib"), config.batch_size, shuffle=False)
     batches = [ctx.task.inputs(batch) for batch in loader]
     # one bar: a tick per BatchNorm-statistics view (bn_views_steps), per layer, then per codebook-tuning step
-    views = len(batches) if int(config.options.get("bn_views_steps", 0)) > 0 else 0
+    views = 0
+    if int(config.options.get("bn_views_steps", 0)) > 0:
+        from compress.quant.views import viewable_batches
+
+        views = len(viewable_batches(model, batches))
     total = views + _count_sites(model, config) + int(config.options.get("tune_steps", 0))
     with ctx.progress(f"quantize ({config.method})", total=total) as advance:
         def progress(event: dict[str, Any]) -> None:

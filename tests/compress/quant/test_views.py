@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import compress.quant as cq
-from compress.quant.views import batchnorm_layers, batchnorm_statistics_loss, bn_statistic_views
+from compress.quant.views import batchnorm_layers, batchnorm_statistics_loss, bn_statistic_views, viewable_batches
 
 
 def _net() -> nn.Module:
@@ -41,17 +41,18 @@ def _statistics_gap(net: nn.Module, x: torch.Tensor) -> float:
 
 
 def test_views_move_toward_the_running_statistics_and_leave_the_model_alone() -> None:
-    net, batches = _net(), _batches()
+    net, batches = _net().train(), _batches()  # train mode: the views must not update the running statistics
     before = copy.deepcopy(net.state_dict())
     flags = [p.requires_grad for p in net.parameters()]
     views = bn_statistic_views(net, batches, steps=30, lr=0.1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running statistics included
+    assert [p.requires_grad for p in net.parameters()] == flags and net.training
+    assert all(not v.requires_grad for v in views)
     assert [v.shape for v in views] == [b.shape for b in batches]
+    net.eval()
     for batch, view in zip(batches, views):
         assert _statistics_gap(net, view) < 0.6 * _statistics_gap(net, batch)
         assert not torch.equal(batch, view)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running statistics included
-    assert [p.requires_grad for p in net.parameters()] == flags and not net.training
-    assert all(not v.requires_grad for v in views)
 
 
 def test_views_only_for_tensor_batches_of_a_model_with_batchnorm() -> None:
@@ -60,6 +61,28 @@ def test_views_only_for_tensor_batches_of_a_model_with_batchnorm() -> None:
     assert bn_statistic_views(nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), batches, steps=3) == []
     ids = [torch.randint(0, 5, (4, 6))]  # token ids: nothing to move
     assert bn_statistic_views(net, ids, steps=3) == []
+    mixed = [batches[0], batches[1][:1], [batches[2]]]  # a tensor, a single input, a list (a detector's images)
+    assert viewable_batches(net, mixed) == [0]
+    seen = []
+    assert len(bn_statistic_views(net, mixed, steps=2, advance=seen.append)) == 1 and seen == [0]
+
+
+def test_views_skip_a_model_whose_forward_reaches_no_batchnorm_and_work_under_inference_mode() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm2d(3), nn.Linear(192, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1))
+
+    seen = []
+    assert bn_statistic_views(Unused().eval(), _batches(), steps=3, advance=seen.append) == []
+    assert seen == [0, 1, 2]  # every viewable batch is still counted for the progress bar
+    net, batches = _net(), _batches()
+    with torch.inference_mode():  # a caller in inference mode still gets its views
+        views = bn_statistic_views(net, batches, steps=2)
+    assert len(views) == 3 and not torch.equal(views[0], batches[0])
 
 
 def test_quantize_calibrates_on_the_views_too() -> None:

@@ -722,8 +722,9 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="sweep folder: sweep.json, report.html, points/")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="builder spec: compress:NAME, timm:NAME, "
                                                                        "...")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="labelled evaluation split, SOURCE:SPLIT, e.g. "
-                                                               "digits:val")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="evaluation split, SOURCE:SPLIT: labelled (e.g. "
+                                                               "digits:val: the task's metric) or not (e.g. "
+                                                               "photos:val: agreement with the original)")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="take --model, --num-classes, --task, --calib "
                                                                     "and --data from a recipe (its calib and val "
                                                                     "splits) unless given")] = None,
@@ -748,7 +749,9 @@ def sweep(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Shrink a checkpoint at every point of a grid (method x bits x prune), evaluate each artifact, and draw
-    the accuracy-vs-size Pareto frontier against the baselines in OUT/report.html.
+    the accuracy-vs-size Pareto frontier against the baselines in OUT/report.html. On a labelled split the metric
+    is the task's (top1, map50); on an unlabelled one (photos:val) it is agreement with the original model
+    (confident_agreement, box_f1), as `compress eval --against` measures it.
 
     Every point runs as `compress shrink` does and is cached in OUT/points/: run the same command again to
     resume a killed sweep (finished points are not redone). Settings a method cannot take (rtn at 2.5 bits,
@@ -778,9 +781,8 @@ def sweep(
         raise UserError(f"{'--model' if model is None else '--data'} is needed (or --recipe to take it from a recipe)")
     calib = calib or "digits"
     if Path(data).expanduser().is_dir():
-        from compress.sweep.run import no_labels
-
-        raise no_labels(data, "a folder of images has no labels")
+        raise UserError(f"--data {data}: a folder of images; give a data source's split, SOURCE:SPLIT (labelled: "
+                        "the task's metric; unlabelled, e.g. photos:val: agreement with the original)")
     if task is None or num_classes is None:
         from calib import get_dataset
 

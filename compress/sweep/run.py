@@ -55,27 +55,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def no_labels(data: str, why: str) -> UserError:
-    return UserError(f"--data {data}: {why}, so no metric to sweep; the agreement-with-the-original evaluation "
-                     "for unlabelled data is not available yet (issue 11): give a labelled split, SOURCE:SPLIT")
+# the metric of a sweep over unlabelled data: agreement with the original (compress.evaluate.fidelity)
+AGREEMENT_METRIC = {"classification": "confident_agreement", "detection": "box_f1"}
 
 
 class Evaluator:
-    """The labelled split, prepared once per preprocessing and kept in memory; metrics of a model on it."""
+    """The evaluation split, prepared once per preprocessing and kept in memory; metrics of a model on it: the
+    task's own (labelled data), or its agreement with the original model (unlabelled data, e.g. photos:val)."""
 
     def __init__(self, data: str, task: str, batch_size: int) -> None:
         from calib import get_dataset
         from compress.tasks import get_task
 
         self.data, self.task, self.batch_size = data, get_task(task), batch_size
-        if Path(data).expanduser().is_dir():  # a folder of images: no labels
-            raise no_labels(data, "a folder of images has no labels")
+        if Path(data).expanduser().is_dir():
+            raise UserError(f"--data {data}: a folder of images; give a data source's split, SOURCE:SPLIT (labelled: "
+                            "the task's metric; unlabelled, e.g. photos:val: agreement with the original)")
         source, _, split = data.rpartition(":")
         self.base = get_dataset(source, split)
         if len(self.base) == 0:
             raise UserError(f"--data {data}: the split holds no images")
-        if not getattr(self.base, "num_classes", 0) or not self._labelled():
-            raise no_labels(data, "no labels")
+        self.labelled = bool(getattr(self.base, "num_classes", 0)) and self._labelled()
+        self.metric = self.task.primary_metric if self.labelled else AGREEMENT_METRIC[self.task.name]
+        self.original: tuple[Any, dict[str, Any]] | None = None  # unlabelled: the model and preprocessing compared with
         self._prepared: dict[str, list[Any]] = {}
 
     def _labelled(self) -> bool:
@@ -84,7 +86,7 @@ class Evaluator:
             return True
         return int(target) >= 0
 
-    def metrics(self, model: Any, preprocessing: dict[str, Any]) -> dict[str, float]:
+    def _loader(self, preprocessing: dict[str, Any]) -> Any:
         from compress.shrink.data import Prepared
         from compress.shrink.preprocess import Preprocessing
 
@@ -92,8 +94,18 @@ class Evaluator:
         if key not in self._prepared:
             prepared = Prepared(self.base, Preprocessing.from_dict(preprocessing), self.task.name)
             self._prepared[key] = [prepared[i] for i in range(len(prepared))]
-        loader = self.task.loader(self._prepared[key], self.batch_size, shuffle=False)
-        return self.task.evaluate(model, loader)
+        return self.task.loader(self._prepared[key], self.batch_size, shuffle=False)
+
+    def metrics(self, model: Any, preprocessing: dict[str, Any]) -> dict[str, float]:
+        if self.labelled:
+            return self.task.evaluate(model, self._loader(preprocessing))
+        from compress.evaluate.fidelity import fidelity
+
+        if self.original is None:
+            raise RuntimeError("an unlabelled sweep needs the original model first (Evaluator.original)")
+        original, original_pre = self.original
+        original_loader = None if original_pre == preprocessing else self._loader(original_pre)
+        return fidelity(model, original, self._loader(preprocessing), self.task.name, original_loader)
 
 
 def _original(config: SweepConfig, evaluator: Evaluator, fingerprint: str | None, out_dir: Path,
@@ -111,7 +123,7 @@ def _original(config: SweepConfig, evaluator: Evaluator, fingerprint: str | None
                 "mean": config.mean, "std": config.std, "compress": __version__})
     path = out_dir / "original.json"
     cached = _read_json(path)
-    if cached and cached.get("key") == key:
+    if cached and cached.get("key") == key and evaluator.labelled:
         return cached
     start = time.perf_counter()
     from compress.shrink.run import read_checked_checkpoint
@@ -128,9 +140,13 @@ def _original(config: SweepConfig, evaluator: Evaluator, fingerprint: str | None
     pre = resolve(config.model, net, config.task, base_size, config.image_size, config.mean, config.std)
     if pre.image_size is None:
         raise UserError(f"--image-size is needed: {config.model} and --calib {config.calib} give no input size")
+    if not evaluator.labelled:  # the points are compared with this model: built again on every (re)run
+        evaluator.original = (net, pre.to_dict())
+        if cached and cached.get("key") == key:
+            return cached
     metrics = evaluator.metrics(net, pre.to_dict())
     figures = measure(net, evaluator.task.example_input(net, pre.image_size))
-    result = {"key": key, "metrics": metrics, "metric": metrics[evaluator.task.primary_metric],
+    result = {"key": key, "metrics": metrics, "metric": metrics[evaluator.metric],
               "size_bytes": figures["size_bytes"], "params": figures["params"], "macs": figures["macs"],
               "preprocessing": pre.to_dict(), "seconds": round(time.perf_counter() - start, 2)}
     atomic_write_json(path, result)
@@ -161,8 +177,13 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, quiet: bool = False,
     (out_dir / "points").mkdir(parents=True, exist_ok=True)
     fingerprint = file_sha256(config.checkpoint) if config.checkpoint is not None else None
     evaluator = Evaluator(config.data, config.task, config.eval_batch_size)
-    metric = evaluator.task.primary_metric
     original = _original(config, evaluator, fingerprint, out_dir, say)
+    if not evaluator.labelled and evaluator.metric == "confident_agreement" and not original["metrics"]["confident_images"]:
+        evaluator.metric = "agreement"  # confident on nothing: agreement on every image is what is left to rank by
+        original = {**original, "metric": original["metrics"]["agreement"]}
+        say(f"the original is confident (top probability >= 0.5) on none of {config.data}: the metric is agreement "
+            "on every image")
+    metric = evaluator.metric
     say(f"original {config.model}: {metric}={original['metric']:.4f} on {config.data}, "
         f"{original['size_bytes']:,} bytes fp32 ({original['params']:,} params)")
 

@@ -62,12 +62,62 @@ def test_cli_bad_arguments_one_line_exit_2(args: list[str], message: str, tmp_pa
     assert not (tmp_path / "s").exists(), "nothing ran"
 
 
-def test_unlabelled_data_is_refused_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_folder_of_images_is_refused_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "images").mkdir()
     code = main(["sweep", "none", "--model", "compress:digits-cnn", "--data", str(tmp_path / "images"),
                  "--bits", "4", "-o", str(tmp_path / "s")])
     err = capsys.readouterr().err
-    assert code == 2 and "no labels" in err and "issue 11" in err
+    assert code == 2 and "a folder of images" in err and "SOURCE:SPLIT" in err and "\n" not in err.strip()
+
+
+def test_unlabelled_sweep_of_a_model_confident_on_nothing_ranks_by_agreement(tmp_path: Path, one_thread: None) -> None:
+    # a random init answers every photo with about 0.11 probability: no confident crop to count
+    config = SweepConfig.from_options(**{**BASE, "data": "photos:val"}, bits=(8,), methods=("rtn",))
+    sweep = run_sweep(config, tmp_path / "s", quiet=True)
+    assert sweep["metric"] == "agreement" and sweep["original"]["metric"] == 1.0
+    point = sweep["points"][0]
+    assert point["metrics"]["confident_images"] == 0 and point["metric"] == point["metrics"]["agreement"]
+    assert 0 <= point["metric"] <= 1  # a number to draw (near-tied logits: 8 bits may still move every answer)
+    assert (tmp_path / "s" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_unlabelled_data_sweeps_agreement_with_the_original(tmp_path: Path, one_thread: None) -> None:
+    import torch
+
+    from calib import get_dataset
+    from compress.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("compress:digits-cnn", num_classes=10)
+    digits = get_dataset("digits", "train")  # 40 steps: features that depend on the image, confident answers
+    xs = torch.stack([digits[i][0] for i in range(512)])
+    ys = torch.tensor([int(digits[i][1]) for i in range(512)])
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(40):
+        pick = torch.randint(0, 512, (64,))
+        loss = torch.nn.functional.cross_entropy(net(xs[pick]), ys[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    checkpoint = tmp_path / "model.pt"
+    torch.save(net.state_dict(), checkpoint)
+    options = {**BASE, "checkpoint": str(checkpoint), "data": "photos:val"}
+    config = SweepConfig.from_options(**options, bits=(2, 8), methods=("rtn",))
+    sweep = run_sweep(config, tmp_path / "s", quiet=True)
+    assert sweep["metric"] == "confident_agreement"
+    assert sweep["original"]["metric"] == 1.0 and sweep["original"]["metrics"]["kl"] < 1e-6
+    assert (tmp_path / "s" / "report.html").is_file()
+    points = {p["id"]: p for p in sweep["points"]}
+    low, high = points["rtn-b2-p0"], points["rtn-b8-p0"]
+    assert high["metrics"]["confident_images"] >= 20, "the test needs confident crops to mean anything"
+    assert high["metric"] >= 0.9 and high["metrics"]["kl"] < low["metrics"]["kl"]
+    assert low["metric"] < high["metric"]
+    # resumed with one more point: the two cached, the new one compared with the original built again
+    again = run_sweep(SweepConfig.from_options(**options, bits=(2, 4, 8), methods=("rtn",)), tmp_path / "s", quiet=True)
+    metrics = {p["id"]: p["metric"] for p in again["points"]}
+    assert metrics["rtn-b2-p0"] == low["metric"] and metrics["rtn-b8-p0"] == high["metric"]
+    assert 0 <= metrics["rtn-b4-p0"] <= 1
 
 
 @pytest.mark.slow

@@ -583,7 +583,9 @@ def shrink(
         from compress.errors import UserError
 
         raise UserError(f"--recover-steps must be >= 0 (got {recover_steps})")
-    quant_options = parse_key_values(quant_option or [], "--quant-option")
+    from compress.recipe import apply_overrides
+
+    quant_options = apply_overrides({}, quant_option or [], "--quant-option", "bn_views_steps=20")
     for key, flag in (("bits", "--bits"), ("method", "--method")):
         if key in quant_options:
             from compress.errors import UserError
@@ -629,25 +631,6 @@ def export(
     with _quiet_output():
         result = export_onnx(artifact, onnx, dense=dense, **({"opset": opset} if opset is not None else {}))
     print(_export_line(result if isinstance(result, dict) else {"path": str(result)}, onnx, dense))
-
-
-def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
-    """{KEY: value} of `KEY=VALUE` items, each value read as YAML (3 -> int, 0.5 -> float, [1, 2] -> list); a
-    malformed item raises one UserError naming it."""
-    from compress import safe_yaml
-    from compress.errors import UserError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UserError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} bn_views_steps=20")
-        try:
-            out[key] = safe_yaml.load(raw, f"{flag} {key}")
-        except safe_yaml.YAMLInputError as exc:
-            raise UserError(str(exc)) from None
-    return out
 
 
 def _export_line(result: dict[str, Any], onnx: Path, dense: bool) -> str:
@@ -781,8 +764,9 @@ def sweep(
         raise UserError(f"{'--model' if model is None else '--data'} is needed (or --recipe to take it from a recipe)")
     calib = calib or "digits"
     if Path(data).expanduser().is_dir():
-        raise UserError(f"--data {data}: a folder of images; give a data source's split, SOURCE:SPLIT (labelled: "
-                        "the task's metric; unlabelled, e.g. photos:val: agreement with the original)")
+        from compress.sweep.run import folder_refused
+
+        raise folder_refused(data)
     if task is None or num_classes is None:
         from calib import get_dataset
 

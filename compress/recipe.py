@@ -128,12 +128,14 @@ def _parse_stage(index: int, entry: Any) -> StageEntry:
     return StageEntry(name=name, config=config)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.0.c=value` overrides (value parsed as YAML) to raw recipe data."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set",
+                    example: str = "stages.0.finetune.epochs=3") -> dict[str, Any]:
+    """Apply `a.b.0.c=value` overrides (value parsed as YAML) to raw recipe data (or to any dict of options; `flag`
+    and `example` name the option they came from in errors)."""
     data = copy.deepcopy(data)
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.0.finetune.epochs=3")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise RecipeError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} {example}")
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         node: Any = data
@@ -142,15 +144,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             where = ".".join(keys[: depth + 1])
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise RecipeError(f"--set {path}: '{where}' is not an index of a list of {len(node)} items")
+                    raise RecipeError(f"{flag} {path}: '{where}' is not an index of a list of {len(node)} items")
                 key = int(key)
             elif not isinstance(node, dict):
-                raise RecipeError(f"--set {path}: '{'.'.join(keys[:depth])}' is a value, not a section")
+                raise RecipeError(f"{flag} {path}: '{'.'.join(keys[:depth])}' is a value, not a section")
             if last:
                 from compress import safe_yaml
 
                 try:
-                    node[key] = safe_yaml.load(raw, f"--set {path}")
+                    node[key] = safe_yaml.load(raw, f"{flag} {path}")
                 except safe_yaml.YAMLInputError as exc:
                     raise RecipeError(str(exc)) from None
             else:

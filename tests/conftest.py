@@ -23,7 +23,9 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     once for the session, not once a worker)."""
     if "COMPRESS_CACHE" not in os.environ:
         if os.environ.get("PYTEST_XDIST_WORKER"):
-            shared = tmp_path_factory.getbasetemp().parent / "compress-cache"  # this session's folder
+            from tests.session_once import session_folder
+
+            shared = session_folder(tmp_path_factory) / "compress-cache"
             shared.mkdir(exist_ok=True)
             os.environ["COMPRESS_CACHE"] = str(shared)
         else:

@@ -11,6 +11,11 @@ from typing import Any
 import pytest
 
 
+def session_folder(factory: pytest.TempPathFactory) -> Path:
+    """This test session's temporary folder, above every pytest-xdist worker's own."""
+    return factory.getbasetemp().parent
+
+
 def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict[str, Any]]
                      ) -> dict[str, Any]:
     """`make(folder)` (a JSON-able dict) once for the session: under xdist the first worker runs it in a folder
@@ -19,7 +24,7 @@ def once_per_session(factory: pytest.TempPathFactory, name: str, make: Callable[
         return json.loads(json.dumps(make(factory.mktemp(name))))
     from filelock import FileLock
 
-    session = factory.getbasetemp().parent  # this session's folder, above every worker's own
+    session = session_folder(factory)
     folder, result = session / name, session / f"{name}.json"
     with FileLock(str(session / f"{name}.lock")):
         if not result.is_file():

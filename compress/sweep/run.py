@@ -55,6 +55,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def folder_refused(data: str) -> UserError:
+    """A sweep evaluates a data source's split, not a folder of images."""
+    return UserError(f"--data {data}: a folder of images; give a data source's split, SOURCE:SPLIT (labelled: the "
+                     "task's metric; unlabelled, e.g. photos:val: agreement with the original)")
+
+
 # the metric of a sweep over unlabelled data: agreement with the original (compress.evaluate.fidelity)
 AGREEMENT_METRIC = {"classification": "confident_agreement", "detection": "box_f1"}
 
@@ -69,8 +75,7 @@ class Evaluator:
 
         self.data, self.task, self.batch_size = data, get_task(task), batch_size
         if Path(data).expanduser().is_dir():
-            raise UserError(f"--data {data}: a folder of images; give a data source's split, SOURCE:SPLIT (labelled: "
-                            "the task's metric; unlabelled, e.g. photos:val: agreement with the original)")
+            raise folder_refused(data)
         source, _, split = data.rpartition(":")
         self.base = get_dataset(source, split)
         if len(self.base) == 0:
